@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make book` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+READY  := $(VENV)/.ready
+# nbval's options: the notebooks run in this venv's kernel, with machine-specific text sanitized.
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: book test unit notebooks clean
+
+# Re-install only when the pins or the package metadata change.
+$(READY): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(READY)
+
+# The HTML book in _build/html, from the outputs stored in the notebooks; any warning fails it.
+book: $(READY)
+	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
+
+unit: $(READY)
+	$(BIN)/python -m pytest tests
+
+notebooks: $(READY)
+	$(BIN)/python -m pytest $(NBVAL) chapters
+
+test: unit notebooks book
+
+clean:
+	rm -rf _build .pytest_cache
+
+# Every built page in headless Chromium, offline (any request off localhost fails): MathJax typeset, images
+# loaded, figures captioned, Colab buttons, no console errors; screenshots in _build/screenshots.
+# Needs Debian's Chromium (`apt-get install chromium`, /usr/bin/chromium); Playwright drives it.
+.PHONY: check-pages
+check-pages: book
+	$(BIN)/python tests/browser/check_pages.py --screenshots _build/screenshots

@@ -1,0 +1,134 @@
+"""The side-by-side kit (optlib.bench.compare): it measures what it claims and it can fail."""
+
+import math
+
+import pytest
+import torch
+
+import optlib
+from optlib.bench.compare import compare_with_torch, fixed_gradients, run_side_by_side
+
+SHAPES = ((4, 3), (3,), (1,))
+
+
+def test_fixed_gradients_shapes_dtype_and_reproducibility():
+    grads = fixed_gradients(SHAPES, 5, seed=3, dtype=torch.float32)
+    assert len(grads) == 5
+    assert [tuple(g.shape) for g in grads[0]] == [tuple(s) for s in SHAPES]
+    assert all(g.dtype == torch.float32 and g.device.type == "cpu" for s in grads for g in s)
+    again = fixed_gradients(SHAPES, 5, seed=3, dtype=torch.float32)
+    assert all(torch.equal(a, b) for s, t in zip(grads, again) for a, b in zip(s, t))
+    other = fixed_gradients(SHAPES, 5, seed=4, dtype=torch.float32)
+    assert not torch.equal(grads[0][0], other[0][0])
+
+
+def test_fixed_gradients_differ_per_step_and_per_tensor_and_some_are_tiny():
+    grads = fixed_gradients(((3, 3), (3, 3)), 4)
+    assert not torch.equal(grads[0][0], grads[1][0])  # per step
+    assert not torch.equal(grads[0][0], grads[0][1])  # per tensor
+    for step in grads:
+        for g in step:
+            magnitudes = g.abs().flatten()
+            assert magnitudes[0] < 1e-7  # the first entry of every tensor is tiny
+            assert (magnitudes > 1e-3).any()  # and the others mostly are not
+
+
+def _sgd(cls, **kwargs):
+    return lambda params: cls(params, **kwargs)
+
+
+def test_identical_optimizers_agree_exactly():
+    result = run_side_by_side(
+        _sgd(torch.optim.SGD, lr=0.1, momentum=0.9), _sgd(torch.optim.SGD, lr=0.1, momentum=0.9)
+    )
+    assert result.max_param_diff == 0 and result.max_state_diff == 0
+    assert result.state_keys_match and result.agrees(1e-12)
+    assert (result.steps, result.device, result.dtype) == (60, "cpu", torch.float64)
+
+
+def test_a_different_lr_is_caught():
+    result = run_side_by_side(_sgd(optlib.SGD, lr=0.1), _sgd(torch.optim.SGD, lr=0.11))
+    assert result.max_param_diff > 1e-3
+    assert not result.agrees(1e-6)
+
+
+def test_a_different_momentum_is_caught_in_the_state():
+    result = run_side_by_side(
+        _sgd(torch.optim.SGD, lr=0.1, momentum=0.9, dampening=0.1),
+        _sgd(torch.optim.SGD, lr=0.1, momentum=0.9),
+        steps=2,  # dampening acts from step 2, on the buffer first
+    )
+    assert result.max_state_diff > 1e-3 and not result.agrees(1e-6)
+
+
+def test_missing_state_keys_are_caught():
+    result = run_side_by_side(_sgd(optlib.SGD, lr=0.1, momentum=0.9), _sgd(optlib.SGD, lr=0.1))
+    assert not result.state_keys_match and not result.agrees(math.inf)
+
+
+class _Counter(torch.optim.Optimizer):
+    """Plain SGD that counts its steps, as a number or as a tensor (like torch's Adam)."""
+
+    def __init__(self, params, step_as_tensor, lr=0.1, poison=False):
+        super().__init__(params, dict(lr=lr))
+        self.step_as_tensor, self.poison = step_as_tensor, poison
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                count = state.get("step", 0) + 1
+                state["step"] = torch.tensor(float(count)) if self.step_as_tensor else count
+                p.add_(p.grad, alpha=-group["lr"])
+                if self.poison:
+                    p.view(-1)[0] = float("nan")
+
+
+def test_step_as_tensor_and_as_number_compare_alike():
+    result = run_side_by_side(
+        lambda ps: _Counter(ps, step_as_tensor=True), lambda ps: _Counter(ps, step_as_tensor=False)
+    )
+    assert result.state_keys_match and result.max_state_diff == 0 and result.agrees(1e-12)
+
+
+def test_nan_is_a_failure_not_a_silent_pass():
+    result = run_side_by_side(
+        lambda ps: _Counter(ps, step_as_tensor=False, poison=True),
+        lambda ps: _Counter(ps, step_as_tensor=False),
+    )
+    assert result.max_param_diff == math.inf and not result.agrees(1e-6)
+    both = run_side_by_side(
+        lambda ps: _Counter(ps, step_as_tensor=False, poison=True),
+        lambda ps: _Counter(ps, step_as_tensor=False, poison=True),
+    )
+    assert both.max_param_diff == 0  # NaN in the same places in both: they agree
+
+
+def test_compare_with_torch_prints_one_stable_line(capsys):
+    results = compare_with_torch(
+        _sgd(optlib.SGD, lr=0.1, momentum=0.9), _sgd(torch.optim.SGD, lr=0.1, momentum=0.9)
+    )
+    assert capsys.readouterr().out == (
+        "optlib vs torch.optim, 100 steps on every available device: max |difference| < 1e-06: True\n"
+    )
+    assert len(results) == 1 + torch.cuda.is_available()
+    assert all(r.dtype == torch.float32 and r.steps == 100 for r in results)
+
+
+def test_compare_with_torch_reports_a_disagreement(capsys):
+    compare_with_torch(
+        _sgd(optlib.SGD, lr=0.1), _sgd(torch.optim.SGD, lr=0.2), steps=10, tolerance=1e-3
+    )
+    assert capsys.readouterr().out == (
+        "optlib vs torch.optim, 10 steps on every available device: max |difference| < 0.001: False\n"
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_run_side_by_side_on_cuda():
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    result = run_side_by_side(
+        _sgd(optlib.SGD, **kwargs), _sgd(torch.optim.SGD, **kwargs), device="cuda"
+    )
+    assert result.device == "cuda" and result.agrees(1e-12) and result.state_keys_match
