@@ -6,7 +6,7 @@ READY  := $(VENV)/.ready
 # nbval's options: the notebooks run in this venv's kernel, with machine-specific text sanitized.
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test unit notebooks clean
+.PHONY: book test unit notebooks execute clean
 
 # Re-install only when the pins or the package metadata change.
 $(READY): requirements.txt pyproject.toml
@@ -26,6 +26,10 @@ notebooks: $(READY)
 	$(BIN)/python -m pytest $(NBVAL) chapters
 
 test: unit notebooks book
+
+# After editing a chapter: re-run every notebook in place so the stored outputs are fresh.
+execute: $(READY)
+	$(BIN)/jupyter execute --inplace chapters/*.ipynb
 
 clean:
 	rm -rf _build .pytest_cache
