@@ -110,7 +110,7 @@ def test_compare_with_torch_prints_one_stable_line(capsys):
         _sgd(optlib.SGD, lr=0.1, momentum=0.9), _sgd(torch.optim.SGD, lr=0.1, momentum=0.9)
     )
     assert capsys.readouterr().out == (
-        "optlib vs torch.optim, 100 steps on every available device: max |difference| < 1e-06: True\n"
+        "same as torch.optim on every device, 100 steps: max |diff| < 1e-06: True\n"
     )
     assert len(results) == 1 + torch.cuda.is_available()
     assert all(r.dtype == torch.float32 and r.steps == 100 for r in results)
@@ -121,7 +121,7 @@ def test_compare_with_torch_reports_a_disagreement(capsys):
         _sgd(optlib.SGD, lr=0.1), _sgd(torch.optim.SGD, lr=0.2), steps=10, tolerance=1e-3
     )
     assert capsys.readouterr().out == (
-        "optlib vs torch.optim, 10 steps on every available device: max |difference| < 0.001: False\n"
+        "same as torch.optim on every device, 10 steps: max |diff| < 0.001: False\n"
     )
 
 

@@ -32,8 +32,8 @@ class TestFunction:
 def quadratic(condition_number: float = 10.0) -> TestFunction:
     r"""The ill-conditioned quadratic $f(x, y) = \tfrac12 (x^2 + \kappa y^2)$.
 
-    Its Hessian is diag(1, kappa): the smallest curvature is mu = 1, the largest is L = kappa, and the
-    condition number L / mu is kappa.
+    Its Hessian is diag(1, kappa): the smallest curvature is l = 1, the largest is L = kappa, and the
+    condition number L / l is kappa (the book writes l as $\ell$; mu is momentum).
     """
     if condition_number < 1:
         raise ValueError(f"condition_number must be at least 1, got {condition_number}")
@@ -47,9 +47,8 @@ def quadratic(condition_number: float = 10.0) -> TestFunction:
         x, y = xy[..., 0], xy[..., 1]
         return torch.stack([x, kappa * y], dim=-1)
 
-    return TestFunction(
-        f"quadratic (kappa={kappa:g})", value, gradient, (0.0, 0.0), (-4.0, 1.5), (-4.5, 4.5), (-2.0, 2.0)
-    )
+    name = f"quadratic (kappa={kappa:g})"
+    return TestFunction(name, value, gradient, (0.0, 0.0), (-4.0, 1.5), (-4.5, 4.5), (-2.0, 2.0))
 
 
 def _rosenbrock_value(xy: Tensor) -> Tensor:
@@ -63,7 +62,8 @@ def _rosenbrock_gradient(xy: Tensor) -> Tensor:
 
 
 rosenbrock = TestFunction(
-    "rosenbrock", _rosenbrock_value, _rosenbrock_gradient, (1.0, 1.0), (-1.5, 2.0), (-2.0, 2.0), (-1.0, 3.0)
+    "rosenbrock", _rosenbrock_value, _rosenbrock_gradient,
+    minimum=(1.0, 1.0), start=(-1.5, 2.0), xlim=(-2.0, 2.0), ylim=(-1.0, 3.0),
 )
 """Rosenbrock's banana $(1 - x)^2 + 100 (y - x^2)^2$: a curved, flat-bottomed valley to (1, 1)."""
 
@@ -88,7 +88,10 @@ def _beale_gradient(xy: Tensor) -> Tensor:
     return torch.stack([dx, dy], dim=-1)
 
 
-beale = TestFunction("beale", _beale_value, _beale_gradient, (3.0, 0.5), (1.0, 1.5), (-0.5, 4.0), (-1.5, 2.0))
+beale = TestFunction(
+    "beale", _beale_value, _beale_gradient,
+    minimum=(3.0, 0.5), start=(1.0, 1.5), xlim=(-0.5, 4.0), ylim=(-1.5, 2.0),
+)
 """Beale's function: flat plateaus and steep ridges, minimum at (3, 0.5)."""
 
 
@@ -103,19 +106,22 @@ def _saddle_gradient(xy: Tensor) -> Tensor:
 
 
 saddle = TestFunction(
-    "saddle", _saddle_value, _saddle_gradient, (0.0, 1.0), (2.0, 1e-3), (-2.5, 2.5), (-1.8, 1.8)
+    "saddle", _saddle_value, _saddle_gradient,
+    minimum=(0.0, 1.0), start=(2.0, 1e-3), xlim=(-2.5, 2.5), ylim=(-1.8, 1.8),
 )
-"""$\\tfrac12 x^2 + \\tfrac14 y^4 - \\tfrac12 y^2$: a saddle point at the origin between minima at (0, +-1).
-The minimum listed is the one a start with y > 0 falls into."""
+"""$\\tfrac12 x^2 + \\tfrac14 y^4 - \\tfrac12 y^2$: a saddle point at the origin between minima
+at (0, +-1). The minimum listed is the one a start with y > 0 falls into."""
 
 
 def trajectory(function: TestFunction, make_optimizer, steps: int, start=None) -> Tensor:
-    """Run an optimizer on a test function and return the visited points, shape (steps + 1, 2).
+    """Run an optimizer on a test function; return the visited points, shape (steps + 1, 2).
 
-    `make_optimizer` takes the list of parameters (one float64 tensor of shape (2,)) and returns an
-    optimizer. A run that overflows stops at the last finite point, so divergence shows as a short path.
+    `make_optimizer` takes the list of parameters (one float64 tensor of shape (2,)) and
+    returns an optimizer. A run that overflows stops at the last finite point, so
+    divergence shows as a short path.
     """
-    point = torch.tensor(start if start is not None else function.start, dtype=torch.float64, requires_grad=True)
+    start = function.start if start is None else start
+    point = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     optimizer = make_optimizer([point])
     path = [point.detach().clone()]
     for _ in range(steps):

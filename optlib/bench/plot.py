@@ -4,6 +4,7 @@ Figures carry no titles: the chapter gives each one a caption. Axis labels are l
 """
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 import torch
 
 from optlib.bench.functions import TestFunction
@@ -67,6 +68,7 @@ def loss_curves(
         ax.plot(getattr(history, key), label=label)
     if log:
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())  # label decades only, not every minor tick
     ax.set_xlabel(xlabel)
     ax.set_ylabel(key.replace("_", " "))
     ax.legend(loc="best", fontsize=8)

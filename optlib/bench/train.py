@@ -18,15 +18,16 @@ def device() -> torch.device:
 def mlp(sizes: list[int], *, seed: int = 0, device="cpu") -> nn.Sequential:
     """A ReLU network with the given layer sizes, e.g. [64, 32, 10]; [64, 10] is logistic regression.
 
-    The weights come from a seeded generator on the CPU, so every optimizer in a comparison starts
-    from the same point, on every machine.
+    The weights are drawn on the CPU from `seed`, so every optimizer in a comparison starts from the
+    same point, on every machine. The global random state is left as it was.
     """
-    torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
     return nn.Sequential(*layers).to(device)
 
 
