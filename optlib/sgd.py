@@ -19,25 +19,25 @@ def sgd_update(
     nesterov: bool,
     maximize: bool,
 ) -> Tensor | None:
-    """One SGD step for one tensor, in the order of the equations in :class:`SGD`.
+    """One SGD step for one tensor, in the order of the equations in `SGD`.
 
-    Updates ``param`` (and ``momentum_buffer``) in place and returns the momentum
-    buffer: a new one on the first step, ``None`` when ``momentum == 0``.
-    ``grad`` is never modified.
+    Updates ``param`` (and ``momentum_buffer``) in place and returns the buffer:
+    a new one on the first step, ``None`` when ``momentum == 0``. ``grad`` itself
+    is never modified: every operation on it makes a new tensor.
     """
-    g = -grad if maximize else grad  # g_t (only out-of-place ops on it: p.grad never changes)
+    g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
         g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
     if momentum != 0:
-        if momentum_buffer is None:  # b_1 = g_1: a copy, no dampening on the first step
-            momentum_buffer = g.clone()
+        if momentum_buffer is None:
+            momentum_buffer = g.clone()  # b_1 = g_1: no dampening on step 1
         else:  # b_t = μ b_{t-1} + (1 - τ) g_t
             momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
         if nesterov:
-            g = g.add(momentum_buffer, alpha=momentum)  # g_t + μ b_t
+            g = g.add(momentum_buffer, alpha=momentum)  # d_t = g_t + μ b_t
         else:
-            g = momentum_buffer  # b_t
-    param.add_(g, alpha=-lr)  # θ_t = θ_{t-1} - γ g_t
+            g = momentum_buffer  # d_t = b_t
+    param.add_(g, alpha=-lr)  # θ_t = θ_{t-1} - γ d_t
     return momentum_buffer
 
 
@@ -167,15 +167,15 @@ class SGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step; return the closure's loss (or None)."""
+        """One optimization step; returns the closure's loss, or None."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         for group in self.param_groups:
-            hyperparameters = dict(
-                lr=float(group["lr"]),  # a tensor lr is used by its value, as in torch
+            settings = dict(
+                lr=float(group["lr"]),  # a tensor lr is used by its value, like torch
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
@@ -186,10 +186,9 @@ class SGD(Optimizer):
                 if p.grad is None:
                     continue
                 if group["momentum"] == 0:  # plain SGD keeps no state
-                    sgd_update(p, p.grad, None, **hyperparameters)
-                else:
-                    state = self.state[p]
-                    state["momentum_buffer"] = sgd_update(
-                        p, p.grad, state.get("momentum_buffer"), **hyperparameters
-                    )
+                    sgd_update(p, p.grad, None, **settings)
+                    continue
+                state = self.state[p]
+                buffer = state.get("momentum_buffer")
+                state["momentum_buffer"] = sgd_update(p, p.grad, buffer, **settings)
         return loss
