@@ -34,10 +34,10 @@ def sgd_update(
         else:  # b_t = μ b_{t-1} + (1 - τ) g_t
             momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
         if nesterov:
-            g = g.add(momentum_buffer, alpha=momentum)  # d_t = g_t + μ b_t
+            g = g.add(momentum_buffer, alpha=momentum)  # u_t = g_t + μ b_t
         else:
-            g = momentum_buffer  # d_t = b_t
-    param.add_(g, alpha=-lr)  # θ_t = θ_{t-1} - γ d_t
+            g = momentum_buffer  # u_t = b_t
+    param.add_(g, alpha=-lr)  # θ_t = θ_{t-1} - γ u_t
     return momentum_buffer
 
 

@@ -52,7 +52,7 @@ def test_a_different_lr_is_caught():
     assert not result.agrees(1e-6)
 
 
-def test_a_different_momentum_is_caught_in_the_state():
+def test_a_different_dampening_is_caught_in_the_state():
     result = run_side_by_side(
         _sgd(torch.optim.SGD, lr=0.1, momentum=0.9, dampening=0.1),
         _sgd(torch.optim.SGD, lr=0.1, momentum=0.9),

@@ -41,10 +41,6 @@ class History:
     test_accuracy: list[float] = field(default_factory=list)  # classification only
     diverged: bool = False
 
-    @property
-    def final_test_loss(self) -> float:
-        return self.test_loss[-1]
-
 
 def _default_loss(y: Tensor):
     return F.cross_entropy if y.dtype == torch.long else F.mse_loss
