@@ -28,16 +28,17 @@ def sgd_update(
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
         g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
+    u = g  # u_t = g_t: the step direction without momentum
     if momentum != 0:
         if momentum_buffer is None:
             momentum_buffer = g.clone()  # b_1 = g_1: no dampening on step 1
         else:  # b_t = μ b_{t-1} + (1 - τ) g_t
             momentum_buffer.mul_(momentum).add_(g, alpha=1 - dampening)
         if nesterov:
-            g = g.add(momentum_buffer, alpha=momentum)  # u_t = g_t + μ b_t
+            u = g.add(momentum_buffer, alpha=momentum)  # u_t = g_t + μ b_t
         else:
-            g = momentum_buffer  # u_t = b_t
-    param.add_(g, alpha=-lr)  # θ_t = θ_{t-1} - γ u_t
+            u = momentum_buffer  # u_t = b_t
+    param.add_(u, alpha=-lr)  # θ_t = θ_{t-1} - γ u_t
     return momentum_buffer
 
 
