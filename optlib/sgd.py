@@ -1,8 +1,8 @@
 r"""Stochastic gradient descent with optional (Nesterov) momentum: a drop-in for torch.optim.SGD."""
 
-import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
 
 __all__ = ["SGD", "sgd_update"]
 
@@ -111,6 +111,11 @@ class SGD(Optimizer):
         zeros, so dampening only applies from the second step on.
     """
 
+    accepts_sparse_gradients = True
+    checkpoint_defaults = dict(
+        nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False
+    )
+
     def __init__(
         self,
         params,
@@ -125,14 +130,8 @@ class SGD(Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_tensor_lr(lr)
+        check_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 "Nesterov momentum requires a momentum and zero dampening, "
@@ -150,46 +149,18 @@ class SGD(Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        if differentiable:
-            # NotImplementedError rather than ValueError: the value is valid for torch.optim.SGD
-            # (it lets autograd run through step()); this implementation does not provide it.
-            raise NotImplementedError("optlib.SGD does not support differentiable=True")
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:  # checkpoints from older torch versions lack these keys
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One optimization step; returns the closure's loss, or None."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for group in self.param_groups:
-            settings = dict(
-                lr=float(group["lr"]),  # a tensor lr is used by its value, like torch
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-            )
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["momentum"] == 0:  # plain SGD keeps no state
-                    sgd_update(p, p.grad, None, **settings)
-                    continue
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                state["momentum_buffer"] = sgd_update(p, p.grad, buffer, **settings)
-        return loss
+    def _update(self, param, grad, state, group):
+        buffer = sgd_update(
+            param,
+            grad,
+            state.get("momentum_buffer"),
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if buffer is not None:  # plain SGD (momentum 0) keeps no state
+            state["momentum_buffer"] = buffer

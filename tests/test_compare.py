@@ -85,11 +85,27 @@ class _Counter(torch.optim.Optimizer):
                     p.view(-1)[0] = float("nan")
 
 
-def test_step_as_tensor_and_as_number_compare_alike():
+def test_step_as_tensor_and_as_number_have_the_same_value_but_not_the_same_type():
+    # The values agree, but a checkpoint would not move between the two: that is a mismatch.
     result = run_side_by_side(
         lambda ps: _Counter(ps, step_as_tensor=True), lambda ps: _Counter(ps, step_as_tensor=False)
     )
-    assert result.state_keys_match and result.max_state_diff == 0 and result.agrees(1e-12)
+    assert result.state_keys_match and result.max_state_diff == 0
+    assert not result.state_types_match and not result.agrees(1e-12)
+
+
+def test_a_state_dtype_mismatch_is_caught():
+    class Float64Buffer(torch.optim.SGD):  # same values, buffer kept in float64
+        def step(self):
+            super().step()
+            for state in self.state.values():
+                state["momentum_buffer"] = state["momentum_buffer"].double()
+
+    result = run_side_by_side(
+        _sgd(Float64Buffer, lr=0.1, momentum=0.9), _sgd(torch.optim.SGD, lr=0.1, momentum=0.9),
+        dtype=torch.float32, steps=1,
+    )
+    assert result.max_state_diff == 0 and not result.state_types_match and not result.agrees(1)
 
 
 def test_nan_is_a_failure_not_a_silent_pass():

@@ -51,6 +51,7 @@ class SideBySide:
     max_param_diff: float
     max_state_diff: float
     state_keys_match: bool
+    state_types_match: bool  # every state tensor has the same dtype and device type in both
     steps: int
     device: str
     dtype: torch.dtype
@@ -58,6 +59,7 @@ class SideBySide:
     def agrees(self, tolerance: float) -> bool:
         return (
             self.state_keys_match
+            and self.state_types_match
             and self.max_param_diff < tolerance
             and self.max_state_diff < tolerance
         )
@@ -72,8 +74,10 @@ def _max_abs_diff(a, b) -> float:
     """
     if not isinstance(a, (Tensor, int, float)) or not isinstance(b, (Tensor, int, float)):
         return 0.0 if a == b else math.inf
-    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
-    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    a, b = (torch.as_tensor(x).detach().cpu() for x in (a, b))
+    # A complex tensor compares as its real and imaginary parts (a cast would drop the latter).
+    a, b = (torch.view_as_real(x) if x.is_complex() else x for x in (a, b))
+    a, b = a.to(torch.float64), b.to(torch.float64)
     if a.numel() == 1 and b.numel() == 1:
         a, b = a.reshape(()), b.reshape(())
     if a.shape != b.shape:
@@ -83,6 +87,13 @@ def _max_abs_diff(a, b) -> float:
     same = (a == b) | (a.isnan() & b.isnan())
     diff = torch.where(same, 0.0, (a - b).abs()).nan_to_num(nan=math.inf)
     return diff.max().item()
+
+
+def _type(value) -> tuple:
+    """What a checkpoint needs to match besides the values: dtype and device of a tensor."""
+    if isinstance(value, Tensor):
+        return (value.dtype, value.device.type)
+    return (type(value),)
 
 
 def run_side_by_side(
@@ -111,7 +122,7 @@ def run_side_by_side(
 
     # Compare after every step, not only the last: a difference that appears and later decays
     # (a state entry that is reset, say) is still a difference.
-    max_param_diff, max_state_diff, state_keys_match = 0.0, 0.0, True
+    max_param_diff, max_state_diff, state_keys_match, state_types_match = 0.0, 0.0, True, True
     for grads in fixed_gradients(shapes, steps, seed=seed + 1, dtype=dtype):
         for p, q, g in zip(ours, theirs, grads):
             p.grad = g.to(device)
@@ -125,8 +136,15 @@ def run_side_by_side(
             for key in set(state_ours) & set(state_theirs):
                 diff = _max_abs_diff(state_ours[key], state_theirs[key])
                 max_state_diff = max(max_state_diff, diff)
+                state_types_match &= _type(state_ours[key]) == _type(state_theirs[key])
     return SideBySide(
-        max_param_diff, max_state_diff, state_keys_match, steps, str(device), dtype
+        max_param_diff,
+        max_state_diff,
+        state_keys_match,
+        state_types_match,
+        steps,
+        str(device),
+        dtype,
     )
 
 

@@ -74,3 +74,49 @@ def linear_regression(
     n_test = round(test_fraction * n)
     test, train = order[:n_test], order[n_test:]
     return Dataset(x[train], y[train], x[test], y[test]).to(device)
+
+
+def rare_features(
+    n: int = 2000,
+    n_frequent: int = 10,
+    n_rare: int = 90,
+    *,
+    rare_probability: float = 0.02,
+    frequent_weight: float = 0.25,
+    rare_weight: float = 3.0,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    device="cpu",
+) -> Dataset:
+    r"""A binary classification task whose signal sits in rare features, like rare words in text.
+
+    Each example has ``n_frequent + n_rare`` features. Columns ``[0, n_frequent)`` are **frequent**:
+    standard normal, non-zero in every example, but weakly informative. Columns
+    ``[n_frequent, n_frequent + n_rare)`` are **rare**: 1 with probability ``rare_probability`` and
+    0 otherwise, and strongly informative. The true weights are fixed, so a chapter can compare a
+    learned model with them: frequent feature ``j`` has weight ``frequent_weight * (-1)**j``, rare
+    feature ``j`` (counted from 0 within the rare block) has weight ``rare_weight * (-1)**j``. The
+    label is 1 with probability ``sigmoid(x @ w_true)``, drawn from the same seed; targets are class
+    indices (int64), so ``mlp([n_frequent + n_rare, 2])`` is logistic regression on it.
+
+    The inputs are not standardized: standardizing would scale every rare column up by about
+    ``1 / sqrt(rare_probability)`` and hide the rarity that this task is about.
+    """
+    if not 0 < rare_probability <= 1:
+        raise ValueError(f"rare_probability must be in (0, 1], got {rare_probability}")
+    generator = torch.Generator().manual_seed(seed)
+    frequent = torch.randn(n, n_frequent, generator=generator)
+    rare = (torch.rand(n, n_rare, generator=generator) < rare_probability).float()
+    x = torch.cat([frequent, rare], dim=1)
+    w_true = torch.cat([frequent_weight * _alternating(n_frequent), rare_weight * _alternating(n_rare)])
+    probability = torch.sigmoid(x @ w_true)
+    y = (torch.rand(n, generator=generator) < probability).long()
+    order = torch.randperm(n, generator=generator)
+    n_test = round(test_fraction * n)
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(x[train], y[train], x[test], y[test]).to(device)
+
+
+def _alternating(k: int) -> Tensor:
+    """+1, -1, +1, ... (k entries)."""
+    return 1.0 - 2.0 * (torch.arange(k) % 2)

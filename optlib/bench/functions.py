@@ -132,3 +132,20 @@ def trajectory(function: TestFunction, make_optimizer, steps: int, start=None) -
             break
         path.append(point.detach().clone())
     return torch.stack(path)
+
+
+def _rastrigin_value(xy: Tensor) -> Tensor:
+    x, y = xy[..., 0], xy[..., 1]
+    return 20 + x**2 + y**2 - 10 * (torch.cos(2 * torch.pi * x) + torch.cos(2 * torch.pi * y))
+
+
+def _rastrigin_gradient(xy: Tensor) -> Tensor:
+    return 2 * xy + 20 * torch.pi * torch.sin(2 * torch.pi * xy)
+
+
+rastrigin = TestFunction(
+    "rastrigin", _rastrigin_value, _rastrigin_gradient,
+    minimum=(0.0, 0.0), start=(2.2, -1.6), xlim=(-4.5, 4.5), ylim=(-4.5, 4.5),
+)
+"""Rastrigin's function $20 + x^2 + y^2 - 10 (\\cos 2\\pi x + \\cos 2\\pi y)$: a bowl covered in
+ripples, with a local minimum near every point of the integer grid and the global one at (0, 0)."""

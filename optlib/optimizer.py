@@ -1,0 +1,128 @@
+"""What every optlib optimizer shares, and nothing specific to one algorithm.
+
+``torch.optim.Optimizer`` already keeps parameter groups, ``zero_grad``, ``state_dict`` and the hooks
+that schedulers use. This module adds what each of torch's optimizers writes again for itself:
+
+- the step loop: call the closure, walk over groups and parameters, skip parameters without a
+  gradient, create a parameter's state on its first step and count steps;
+- the rules torch follows for every optimizer: hyperparameters given as tensors are used by their
+  value, complex parameters are updated as real tensors of twice the size, the step count is a
+  float tensor, and sparse gradients are refused unless the optimizer handles them;
+- the checks of arguments, with torch's exception types and messages.
+
+An optimizer file then holds only its algorithm: a docstring, a pure update function of tensors,
+and a subclass that names its defaults, creates its state (``_init_state``) and calls the update
+(``_update``).
+"""
+
+import torch
+from torch import Tensor
+
+__all__ = ["Optimizer", "check_non_negative", "check_tensor_lr", "real", "step_counter"]
+
+# torch's messages name most hyperparameters as "Invalid <name> value: ..."; these two differ.
+_LABELS = {"lr": "learning rate", "eps": "epsilon value"}
+
+
+def check_non_negative(**hyperparameters: float | Tensor) -> None:
+    """Raise torch's ValueError for any hyperparameter that is negative (or NaN)."""
+    for name, value in hyperparameters.items():
+        if not 0.0 <= value:
+            raise ValueError(f"Invalid {_LABELS.get(name, f'{name} value')}: {value}")
+
+
+def check_tensor_lr(lr: float | Tensor) -> None:
+    """A learning rate given as a tensor must hold one number, as in torch."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+
+
+def step_counter() -> Tensor:
+    """A new ``state["step"]`` as torch makes it: a float tensor on the CPU, float64 only when the
+    default dtype is float64, so that a checkpoint moves between torch and optlib unchanged."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
+
+
+def real(tensor: Tensor | None) -> Tensor | None:
+    """A complex tensor as a real view with a trailing dimension of 2 (real and imaginary parts),
+    as torch updates complex parameters; writing to the view writes to the tensor."""
+    if tensor is not None and tensor.is_complex():
+        return torch.view_as_real(tensor)
+    return tensor
+
+
+def _value(hyperparameter):
+    """A tensor hyperparameter (lr, betas ...) is used by its value, like torch's default
+    implementation does; tuples such as betas are converted entry by entry."""
+    if isinstance(hyperparameter, Tensor):
+        return hyperparameter.item()
+    if isinstance(hyperparameter, tuple):
+        return tuple(_value(h) for h in hyperparameter)
+    return hyperparameter
+
+
+class Optimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` with the step loop every optlib optimizer shares.
+
+    A subclass implements ``_update(param, grad, state, group)``, one step for one tensor, and,
+    if it keeps state, ``_init_state(param, group)``, which returns the state of a parameter
+    before its first step. ``group`` holds the hyperparameters as plain numbers.
+    """
+
+    # torch.optim.SGD and Adagrad accept sparse gradients; the other optimizers refuse them.
+    accepts_sparse_gradients = False
+    # Group settings that checkpoints from older torch versions may lack, with their defaults.
+    checkpoint_defaults: dict = {}
+
+    def __init__(self, params, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        if defaults.get("fused") and defaults.get("differentiable"):
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        # These are valid for torch (autograd through step(), CUDA graphs) but not provided here:
+        # NotImplementedError says so, where a ValueError would call the value wrong.
+        for flag in ("differentiable", "capturable"):
+            if defaults.get(flag):
+                raise NotImplementedError(f"optlib.{type(self).__name__} does not support {flag}=True")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.checkpoint_defaults.items():
+                group.setdefault(key, value)
+        for param_state in self.state.values():  # old checkpoints stored the step as a number
+            if "step" in param_state and not torch.is_tensor(param_state["step"]):
+                param_state["step"] = step_counter() + float(param_state["step"])
+
+    def _init_state(self, param: Tensor, group: dict) -> dict:
+        return {}
+
+    def _update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step; returns the closure's loss, or None."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            settings = {key: _value(value) for key, value in group.items() if key != "params"}
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse and not self.accepts_sparse_gradients:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[param]
+                if not state:
+                    state.update(self._init_state(param, settings))
+                if "step" in state:
+                    state["step"] += 1  # t counts from 1: the first step sees step == 1
+                self._update(param, param.grad, state, settings)
+                if not state:  # keep no empty entries, as torch (plain SGD keeps no state)
+                    del self.state[param]
+        return loss
