@@ -21,26 +21,32 @@ def adagrad_update(
     eps: float,
     maximize: bool,
 ) -> None:
-    """One Adagrad step for one tensor, in the order of the equations in `Adagrad`.
+    """One Adagrad step for one tensor, in the order of the equations in
+    `Adagrad`.
 
-    Updates ``param`` and ``state_sum`` in place. A sparse ``grad`` (from an embedding with
-    ``sparse=True``) touches only the rows it holds, in the sum and in the parameter.
-    ``grad`` itself is never modified.
+    Updates ``param`` and ``state_sum`` in place. A sparse ``grad`` (from an
+    embedding with ``sparse=True``) touches only the rows it holds, in the sum
+    and in the parameter. ``grad`` itself is never modified.
     """
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
         if g.is_sparse:
-            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+            raise RuntimeError(
+                "weight_decay option is not compatible with sparse gradients"
+            )
         g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
     clr = lr / (1 + (step - 1) * lr_decay)  # γ_t = γ / (1 + (t - 1) η)
-    if g.is_sparse:
-        g = g.coalesce()  # one value per index: squaring a sum of duplicates is not a sum of squares
-        state_sum.add_(torch.sparse_coo_tensor(g.indices(), g.values().pow(2), g.shape))
-        root = state_sum.sparse_mask(g).values().sqrt().add_(eps)  # only the rows in g
-        param.add_(torch.sparse_coo_tensor(g.indices(), g.values() / root, g.shape), alpha=-clr)
+    if g.is_sparse:  # the same two lines, on the rows that g holds only
+        g = g.coalesce()  # one value per row: duplicates are summed first
+        rows, values = g.indices(), g.values()
+        state_sum.add_(torch.sparse_coo_tensor(rows, values**2, g.shape))
+        root = state_sum.sparse_mask(g).values().sqrt().add_(eps)
+        update = torch.sparse_coo_tensor(rows, values / root, g.shape)
+        param.add_(update, alpha=-clr)
     else:
         state_sum.addcmul_(g, g)  # s_t = s_{t-1} + g_t²
-        param.addcdiv_(g, state_sum.sqrt().add_(eps), value=-clr)  # θ_t = θ_{t-1} - γ_t g_t / (sqrt(s_t) + ε)
+        # θ_t = θ_{t-1} - γ_t g_t / (sqrt(s_t) + ε)
+        param.addcdiv_(g, state_sum.sqrt().add_(eps), value=-clr)
 
 
 class Adagrad(Optimizer):

@@ -29,24 +29,26 @@ def adam_update(
 ) -> None:
     """One Adam step for one tensor, in the order of the equations in `Adam`.
 
-    Updates ``param`` and the moment estimates in place; ``max_exp_avg_sq`` is used only with
-    ``amsgrad``. ``step`` is t, counted from 1. ``grad`` is never modified.
+    Updates ``param`` and the moment estimates in place; ``max_exp_avg_sq``
+    is used only with ``amsgrad``. ``step`` is t, counted from 1. ``grad``
+    is never modified.
     """
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
-        if decoupled_weight_decay:  # AdamW: shrink the weights, outside the moments
+        if decoupled_weight_decay:  # AdamW: shrink θ, outside the moments
             param.mul_(1 - lr * weight_decay)  # θ_{t-1} ← (1 - γλ) θ_{t-1}
-        else:  # Adam's L2 penalty: λθ joins the gradient and goes through the moments
+        else:  # an L2 penalty: λθ joins g_t and goes through the moments
             g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
     exp_avg.lerp_(g, 1 - beta1)  # m_t = β1 m_{t-1} + (1 - β1) g_t
-    average_of_squares_(exp_avg_sq, g, beta2)  # v_t = β2 v_{t-1} + (1 - β2) g_t²
-    if amsgrad:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)  # v_t^max
+    average_of_squares_(exp_avg_sq, g, beta2)  # v_t = β2 v_{t-1} + (1-β2) g_t²
+    if amsgrad:  # v_t^max = max(v_{t-1}^max, v_t), used in place of v_t
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         exp_avg_sq = max_exp_avg_sq
     bias_correction1 = 1 - beta1**step  # m̂_t = m_t / (1 - β1^t)
     bias_correction2 = 1 - beta2**step  # v̂_t = v_t / (1 - β2^t)
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)  # sqrt(v̂_t) + ε
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)  # θ_t = θ_{t-1} - γ m̂_t / denom
+    # θ_t = θ_{t-1} - γ m̂_t / (sqrt(v̂_t) + ε), with the corrections folded in
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 class Adam(Optimizer):
@@ -167,7 +169,9 @@ class Adam(Optimizer):
 
     def _init_state(self, param, group):
         state = dict(
-            step=step_counter(), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+            step=step_counter(),
+            exp_avg=torch.zeros_like(param),
+            exp_avg_sq=torch.zeros_like(param),
         )
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(param)

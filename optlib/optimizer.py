@@ -111,18 +111,19 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            settings = {key: _value(value) for key, value in group.items() if key != "params"}
+            settings = {k: _value(v) for k, v in group.items() if k != "params"}
             for param in group["params"]:
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse and not self.accepts_sparse_gradients:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    name = type(self).__name__
+                    raise RuntimeError(f"{name} does not support sparse gradients")
                 state = self.state[param]
                 if not state:
                     state.update(self._init_state(param, settings))
                 if "step" in state:
-                    state["step"] += 1  # t counts from 1: the first step sees step == 1
+                    state["step"] += 1  # t counts from 1: step 1 sees step == 1
                 self._update(param, param.grad, state, settings)
-                if not state:  # keep no empty entries, as torch (plain SGD keeps no state)
+                if not state:  # like torch, no empty entries (plain SGD)
                     del self.state[param]
         return loss

@@ -10,8 +10,8 @@ __all__ = ["RMSprop", "rmsprop_update", "average_of_squares_"]
 
 
 def average_of_squares_(avg: Tensor, grad: Tensor, decay: float) -> Tensor:
-    """v <- decay v + (1 - decay) g^2, in place: the second-moment estimate that RMSprop
-    (decay = alpha) and Adam (decay = beta2) share."""
+    """v <- decay v + (1 - decay) g^2, in place: the second-moment estimate
+    that RMSprop (decay = alpha) and Adam (decay = beta2) share."""
     return avg.mul_(decay).addcmul_(grad, grad, value=1 - decay)
 
 
@@ -30,24 +30,28 @@ def rmsprop_update(
     centered: bool,
     maximize: bool,
 ) -> None:
-    """One RMSprop step for one tensor, in the order of the equations in `RMSprop`.
+    """One RMSprop step for one tensor, in the order of the equations in
+    `RMSprop`.
 
-    Updates ``param`` and the state tensors in place. ``grad_avg`` is used only when
-    ``centered``, ``momentum_buffer`` only when ``momentum > 0``. ``grad`` is never modified.
+    Updates ``param`` and the state tensors in place. ``grad_avg`` is used
+    only when ``centered``, ``momentum_buffer`` only when ``momentum > 0``.
+    ``grad`` is never modified.
     """
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
         g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
-    v = average_of_squares_(square_avg, g, alpha)  # v_t = α v_{t-1} + (1 - α) g_t²
+    # v_t = α v_{t-1} + (1 - α) g_t², the average that Adam shares
+    v = average_of_squares_(square_avg, g, alpha)
     if centered:
         grad_avg.lerp_(g, 1 - alpha)  # m_t = α m_{t-1} + (1 - α) g_t
-        v = v.addcmul(grad_avg, grad_avg, value=-1)  # v_t - m_t²: a variance estimate
+        v = v.addcmul(grad_avg, grad_avg, value=-1)  # ṽ_t = v_t - m_t²
     denom = v.sqrt().add_(eps)  # sqrt(ṽ_t) + ε
     if momentum > 0:
-        momentum_buffer.mul_(momentum).addcdiv_(g, denom)  # b_t = μ b_{t-1} + g_t / (sqrt(ṽ_t) + ε)
-        param.add_(momentum_buffer, alpha=-lr)  # θ_t = θ_{t-1} - γ b_t
-    else:
-        param.addcdiv_(g, denom, value=-lr)  # θ_t = θ_{t-1} - γ g_t / (sqrt(ṽ_t) + ε)
+        # b_t = μ b_{t-1} + g_t / (sqrt(ṽ_t) + ε), θ_t = θ_{t-1} - γ b_t
+        momentum_buffer.mul_(momentum).addcdiv_(g, denom)
+        param.add_(momentum_buffer, alpha=-lr)
+    else:  # θ_t = θ_{t-1} - γ g_t / (sqrt(ṽ_t) + ε)
+        param.addcdiv_(g, denom, value=-lr)
 
 
 class RMSprop(Optimizer):

@@ -21,9 +21,10 @@ def sgd_update(
 ) -> Tensor | None:
     """One SGD step for one tensor, in the order of the equations in `SGD`.
 
-    Updates ``param`` (and ``momentum_buffer``) in place and returns the buffer:
-    a new one on the first step, ``None`` when ``momentum == 0``. ``grad`` itself
-    is never modified: every operation on it makes a new tensor.
+    Updates ``param`` (and ``momentum_buffer``) in place and returns the
+    buffer: a new one on the first step, ``None`` when ``momentum == 0``.
+    ``grad`` itself is never modified: every operation on it makes a new
+    tensor.
     """
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:

@@ -38,6 +38,8 @@ def test_colab_cell_installs_optlib_from_the_configured_repository(path):
     assert '"google.colab" in sys.modules' in first
     assert f"git+{CONFIG['repository']['url']}" in first
     assert code_cells(path)[0]["outputs"] == []  # outside Colab it prints nothing
+    # Noise to a reader of the rendered page: collapsed there behind a "show code" toggle.
+    assert "hide-input" in code_cells(path)[0]["metadata"].get("tags", [])
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
