@@ -4,7 +4,8 @@ gradients; a drop-in for torch.optim.Adagrad."""
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr, real, step_counter
+from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
+from optlib.optimizer import hyperparameters, real, settings_for, step_counter
 
 __all__ = ["Adagrad", "adagrad_update"]
 
@@ -62,9 +63,7 @@ class Adagrad(Optimizer):
             &\rule{110mm}{0.4pt}                                                                 \\
             &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
             &\hspace{5mm}g_t \leftarrow \pm \nabla_{\theta} f_t (\theta_{t-1})
-                \quad (- \textbf{ if } \textit{maximize})                                         \\
-            &\hspace{5mm}\textbf{if} \: \lambda \neq 0                                           \\
-            &\hspace{10mm} g_t \leftarrow g_t + \lambda \theta_{t-1}                             \\
+                + \lambda \theta_{t-1} \quad (- \textbf{ if } \textit{maximize})                 \\
             &\hspace{5mm}\gamma_t \leftarrow \gamma / (1 + (t - 1) \eta)                         \\
             &\hspace{5mm}s_t \leftarrow s_{t-1} + g_t^2                                          \\
             &\hspace{5mm}\theta_t \leftarrow \theta_{t-1} - \gamma_t g_t /
@@ -124,18 +123,7 @@ class Adagrad(Optimizer):
             initial_accumulator_value=initial_accumulator_value,
             eps=eps,
         )
-        defaults = dict(
-            lr=lr,
-            lr_decay=lr_decay,
-            eps=eps,
-            weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
         for group in self.param_groups:  # torch creates Adagrad's state up front
             for param in group["params"]:
                 self.state[param].update(self._init_state(param, group))
@@ -152,11 +140,7 @@ class Adagrad(Optimizer):
             real(grad),
             real(state["sum"]),
             step=state["step"].item(),
-            lr=group["lr"],
-            lr_decay=group["lr_decay"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
+            **settings_for(adagrad_update, group),  # lr, lr_decay, eps ...
         )
 
     def share_memory(self) -> None:

@@ -4,10 +4,24 @@ torch.optim.Adam."""
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr, real, step_counter
+from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
+from optlib.optimizer import hyperparameters, real, settings_for, step_counter
 from optlib.rmsprop import average_of_squares_
 
 __all__ = ["Adam", "adam_update"]
+
+
+def _checked_betas(betas: tuple) -> tuple:
+    """torch's checks of betas, in torch's order; a tensor beta is kept as a 0-dim tensor."""
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+    return tuple(b.squeeze() if isinstance(b, Tensor) else b for b in betas)
 
 
 def adam_update(
@@ -141,31 +155,9 @@ class Adam(Optimizer):
     ) -> None:
         check_tensor_lr(lr)
         check_non_negative(lr=lr, eps=eps)
-        for index, beta in enumerate(betas):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        betas = _checked_betas(betas)
         check_non_negative(weight_decay=weight_decay)
-        if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
-            raise ValueError("betas must be either both floats or both Tensors")
-        for index, beta in enumerate(betas):
-            if isinstance(beta, Tensor) and beta.numel() != 1:
-                raise ValueError(f"Tensor betas[{index}] must be 1-element")
-        # Kept as torch keeps them (a tensor beta as a 0-dim tensor), so checkpoints match.
-        betas = tuple(b.squeeze() if isinstance(b, Tensor) else b for b in betas)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _init_state(self, param, group):
         state = dict(
@@ -186,12 +178,7 @@ class Adam(Optimizer):
             real(state["exp_avg_sq"]),
             real(state.get("max_exp_avg_sq")),
             step=state["step"].item(),
-            lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
+            **settings_for(adam_update, group),  # lr, eps, weight_decay ...
         )

@@ -13,26 +13,16 @@ class AdamW(Adam):
 
     .. math::
        \begin{aligned}
-            &\rule{110mm}{0.4pt}                                                                 \\
-            &\textbf{input}      : \gamma \text{ (lr)}, \: \beta_1, \beta_2 \text{ (betas)},
-                \: \theta_0 \text{ (params)}, \: f(\theta) \text{ (objective)},
-                \: \lambda \text{ (weight decay)},                                                \\
-            &\hspace{13mm} \epsilon \text{ (epsilon)}, \: \textit{amsgrad}, \: \textit{maximize} \\
-            &\textbf{initialize} : m_0 \leftarrow 0 \text{ (first moment)}, \:
-                v_0 \leftarrow 0 \text{ (second moment)}, \: v_0^{max} \leftarrow 0              \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                                 \\
+            &\textbf{input} : \text{Adam's}, \text{ with } \lambda \text{ (weight decay)}
+                \text{ defaulting to } 10^{-2}                                                   \\
             &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
-            &\hspace{5mm}g_t \leftarrow \pm \nabla_{\theta} f_t (\theta_{t-1})
-                \quad (- \textbf{ if } \textit{maximize})                                         \\
+            &\hspace{5mm}g_t \leftarrow \pm \nabla_{\theta} f_t (\theta_{t-1})                   \\
             &\hspace{5mm}\theta_{t-1} \leftarrow (1 - \gamma \lambda) \theta_{t-1}
-                \quad \text{(the one line that differs from Adam with L2)}                        \\
-            &\hspace{5mm}\text{the rest of Adam's step: } m_t, \: v_t, \: (v_t^{max}), \:
-                \widehat{m_t}, \: \widehat{v_t}, \:
-                \theta_t \leftarrow \theta_{t-1} - \gamma \widehat{m_t} /
-                \big(\sqrt{\widehat{v_t}} + \epsilon \big)                                       \\
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
-            &\bf{return} \:  \theta_t                                                     \\[-1.ex]
-            &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
+                \quad \text{(Adam with L2 adds } \lambda \theta_{t-1} \text{ to } g_t
+                \text{ instead)}                                                                  \\
+            &\hspace{5mm}\theta_t \leftarrow \text{Adam's step from } \theta_{t-1}
+                \text{ with } g_t: \: m_t, \: v_t, \: \widehat{m_t}, \: \widehat{v_t}, \:
+                \theta_{t-1} - \gamma \widehat{m_t} / \big(\sqrt{\widehat{v_t}} + \epsilon \big)
        \end{aligned}
 
     The state is Adam's (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``step``), and so are

@@ -15,10 +15,21 @@ and a subclass that names its defaults, creates its state (``_init_state``) and 
 (``_update``).
 """
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
 
-__all__ = ["Optimizer", "check_non_negative", "check_tensor_lr", "real", "step_counter"]
+__all__ = [
+    "Optimizer",
+    "check_non_negative",
+    "check_tensor_lr",
+    "hyperparameters",
+    "real",
+    "settings_for",
+    "step_counter",
+]
 
 # torch's messages name most hyperparameters as "Invalid <name> value: ..."; these two differ.
 _LABELS = {"lr": "learning rate", "eps": "epsilon value"}
@@ -35,6 +46,22 @@ def check_tensor_lr(lr: float | Tensor) -> None:
     """A learning rate given as a tensor must hold one number, as in torch."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+
+
+def hyperparameters(arguments: dict) -> dict:
+    """A constructor's arguments, ``locals()``, as the defaults that torch keeps in every parameter
+    group: everything but ``self`` and ``params``."""
+    return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
+
+
+@functools.cache
+def _keywords(update) -> frozenset:
+    return frozenset(inspect.signature(update).parameters)
+
+
+def settings_for(update, group: dict) -> dict:
+    """The settings of a parameter group that an update function takes, by their names."""
+    return {k: v for k, v in group.items() if k in _keywords(update)}
 
 
 def step_counter() -> Tensor:

@@ -4,7 +4,8 @@ for torch.optim.RMSprop."""
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr, real, step_counter
+from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
+from optlib.optimizer import hyperparameters, real, settings_for, step_counter
 
 __all__ = ["RMSprop", "rmsprop_update", "average_of_squares_"]
 
@@ -70,9 +71,7 @@ class RMSprop(Optimizer):
             &\rule{110mm}{0.4pt}                                                                 \\
             &\textbf{for} \: t=1 \: \textbf{to} \: \ldots \: \textbf{do}                         \\
             &\hspace{5mm}g_t \leftarrow \pm \nabla_{\theta} f_t (\theta_{t-1})
-                \quad (- \textbf{ if } \textit{maximize})                                         \\
-            &\hspace{5mm}\textbf{if} \: \lambda \neq 0                                           \\
-            &\hspace{10mm} g_t \leftarrow g_t + \lambda \theta_{t-1}                             \\
+                + \lambda \theta_{t-1} \quad (- \textbf{ if } \textit{maximize})                 \\
             &\hspace{5mm}v_t \leftarrow \alpha v_{t-1} + (1 - \alpha) g_t^2                      \\
             &\hspace{5mm}\tilde{v}_t \leftarrow v_t                                              \\
             &\hspace{5mm}\textbf{if} \: \textit{centered}                                        \\
@@ -141,20 +140,10 @@ class RMSprop(Optimizer):
         differentiable: bool = False,
     ) -> None:
         check_tensor_lr(lr)
-        check_non_negative(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha)
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            alpha=alpha,
-            eps=eps,
-            centered=centered,
-            weight_decay=weight_decay,
-            capturable=capturable,
-            foreach=foreach,
-            maximize=maximize,
-            differentiable=differentiable,
+        check_non_negative(
+            lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay, alpha=alpha
         )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _init_state(self, param, group):
         state = dict(step=step_counter(), square_avg=torch.zeros_like(param))
@@ -171,11 +160,5 @@ class RMSprop(Optimizer):
             real(state["square_avg"]),
             real(state.get("grad_avg")),
             real(state.get("momentum_buffer")),
-            lr=group["lr"],
-            alpha=group["alpha"],
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            momentum=group["momentum"],
-            centered=group["centered"],
-            maximize=group["maximize"],
+            **settings_for(rmsprop_update, group),  # lr, alpha, eps ...
         )

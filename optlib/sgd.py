@@ -2,7 +2,13 @@ r"""Stochastic gradient descent with optional (Nesterov) momentum: a drop-in for
 
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
+from optlib.optimizer import (
+    Optimizer,
+    check_non_negative,
+    check_tensor_lr,
+    hyperparameters,
+    settings_for,
+)
 
 __all__ = ["SGD", "sgd_update"]
 
@@ -138,30 +144,14 @@ class SGD(Optimizer):
                 "Nesterov momentum requires a momentum and zero dampening, "
                 f"got momentum={momentum}, dampening={dampening}"
             )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-            foreach=foreach,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, hyperparameters(locals()))
 
     def _update(self, param, grad, state, group):
         buffer = sgd_update(
             param,
             grad,
             state.get("momentum_buffer"),
-            lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
+            **settings_for(sgd_update, group),  # lr, momentum ...
         )
         if buffer is not None:  # plain SGD (momentum 0) keeps no state
             state["momentum_buffer"] = buffer

@@ -96,6 +96,13 @@ TWINS = {
     ),
 }
 
+def typical_pairs(name):
+    """(params, optimizer) for optlib's and for torch's class, both at the TYPICAL setting."""
+    for cls in TWINS[name][:2]:
+        params = make_params()
+        yield params, cls(params, **TYPICAL[name])
+
+
 # A setting of each that switches on its state and options, for the tests that need just one.
 TYPICAL = {
     "SGD": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2),

@@ -12,6 +12,7 @@ import torch
 
 import optlib
 from optim_helpers import SHAPES, TOL, TWINS, TYPICAL, clone_params, make_params, max_diff, run
+from optim_helpers import typical_pairs
 from optlib.bench.compare import fixed_gradients, run_side_by_side
 
 NAMES = list(TWINS)
@@ -284,14 +285,10 @@ def test_checkpoint_from_an_older_torch_loads(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_lr_scheduler_like_torch(name):
     results = []
-    for cls in TWINS[name][:2]:
-        params = make_params()
-        opt = cls(params, **TYPICAL[name])
+    for params, opt in typical_pairs(name):
         scheduler = optlib.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
         for step in fixed_gradients(SHAPES, 60):
-            for p, g in zip(params, step):
-                p.grad = g.clone()
-            opt.step()
+            run(opt, params, [step])
             scheduler.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(TYPICAL[name]["lr"] * 0.5**6)
         results.append(params)
@@ -327,9 +324,7 @@ def test_adagrad_uses_each_groups_initial_accumulator_value():
 def test_a_parameter_whose_gradient_appears_later(name):
     # e.g. a layer unfrozen mid-training: it is skipped until then, then starts its own state.
     results = []
-    for cls in TWINS[name][:2]:
-        params = make_params()
-        opt = cls(params, **TYPICAL[name])
+    for params, opt in typical_pairs(name):
         for t, step in enumerate(fixed_gradients(SHAPES, 6)):
             for p, g in zip(params, step):
                 p.grad = g.clone() if t >= 3 or p is params[0] else None
