@@ -107,9 +107,11 @@ class SGD(Optimizer):
         .. math::
             \text{PyTorch: } b_t = \mu b_{t-1} + g_t,\ \theta_t = \theta_{t-1} - \gamma b_t
             \qquad
-            \text{Sutskever: } v_t = \mu v_{t-1} - \gamma g_t,\ \theta_t = \theta_{t-1} + v_t.
+            \text{Sutskever: } \Delta_t = \mu \Delta_{t-1} - \gamma g_t,\
+            \theta_t = \theta_{t-1} + \Delta_t.
 
-        With a constant :math:`\gamma` the two give the same iterates (:math:`v_t = -\gamma b_t`);
+        With a constant :math:`\gamma` the two give the same iterates
+        (:math:`\Delta_t = -\gamma b_t`);
         when :math:`\gamma` changes (a schedule), PyTorch applies the new rate to the whole
         accumulated buffer at once, Sutskever's only to new gradients. The Nesterov variant
         :math:`\theta_t = \theta_{t-1} - \gamma (g_t + \mu b_t)` is the same idea rewritten so
