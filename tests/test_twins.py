@@ -64,6 +64,17 @@ def test_matches_every_torch_implementation(name, impl):
     assert result.agrees(1e-10)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_torch_on_cuda(name):
+    # On CUDA torch defaults to its foreach implementation, which rounds a little differently.
+    ours, theirs, _ = TWINS[name]
+    result = run_side_by_side(
+        lambda ps: ours(ps, **TYPICAL[name]), lambda ps: theirs(ps, **TYPICAL[name]), device="cuda"
+    )
+    assert result.device == "cuda" and result.agrees(1e-10)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_complex_parameters_like_torch(name):
     ours, theirs, _ = TWINS[name]
