@@ -53,3 +53,9 @@ pages: $(READY)
 	$(BIN)/python tests/browser/check_pages.py --chromium $(CHROMIUM) --screenshots _build/screenshots
 
 check-pages: book pages
+
+# The optimizer study behind chapters/choosing.ipynb (6 to 12 minutes here): writes
+# optlib/bench/results/study.json, which is committed and installed with the kit.
+.PHONY: study
+study: $(READY)
+	$(BIN)/python -m optlib.bench.study

@@ -1,0 +1,120 @@
+"""A tiny character-level language model, trained on text that every Python installation has.
+
+The text is a fixed list of modules from the standard library of the running interpreter, read from
+disk: no download. Different Python versions ship slightly different files, so `stdlib_text` also
+returns the version, the character counts and a SHA-256 hash of the text; a study stores them, and a
+reader whose hash differs knows that their text (and so their numbers) differ.
+
+The model is a small GPT-style transformer (pre-LayerNorm blocks of causal self-attention and an MLP)
+written out in a few lines, so that nothing is hidden in a library class.
+"""
+import hashlib
+import math
+import pathlib
+import sys
+import sysconfig
+
+import torch
+from torch import Tensor, nn
+
+# Modules present, with these names, in every CPython from 3.9 on. Their order is the text's order.
+STDLIB_FILES = (
+    "textwrap.py",
+    "heapq.py",
+    "bisect.py",
+    "fnmatch.py",
+    "glob.py",
+    "colorsys.py",
+    "string.py",
+    "queue.py",
+    "sched.py",
+    "graphlib.py",
+    "random.py",
+    "fractions.py",
+    "json/decoder.py",
+    "json/encoder.py",
+)
+
+# A fixed vocabulary, so that the model's shape does not depend on the text: newline and the 95
+# printable ASCII characters; any other character (a handful of non-ASCII letters in comments)
+# becomes "~".
+VOCABULARY = "\n" + "".join(chr(c) for c in range(32, 127))
+_INDEX = {c: i for i, c in enumerate(VOCABULARY)}
+
+
+def stdlib_text(files=STDLIB_FILES) -> tuple[str, dict]:
+    """The concatenated source of `files` from this interpreter's standard library, and a record of
+    where it came from: Python version, files, number of characters, SHA-256 of the text."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    parts = [(root / name).read_text(encoding="utf-8") for name in files]
+    text = "".join(parts)
+    record = {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "files": list(files),
+        "characters": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    return text, record
+
+
+def encode(text: str) -> Tensor:
+    """Character indices into VOCABULARY, as int64."""
+    other = _INDEX["~"]
+    return torch.tensor([_INDEX.get(c, other) for c in text], dtype=torch.long)
+
+
+def decode(indices) -> str:
+    return "".join(VOCABULARY[i] for i in indices)
+
+
+class Block(nn.Module):
+    """x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x)): a pre-LN transformer block."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape  # (B, T, C)
+        q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
+        # (B, T, C) -> (B, heads, T, C / heads)
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, heads, T, T)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        y = (attention @ v).transpose(1, 2).reshape(batch, length, width)
+        x = x + self.out(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class CharTransformer(nn.Module):
+    """Token and position embeddings, `layers` blocks, a final LayerNorm and a linear read-out."""
+
+    def __init__(self, vocabulary: int, context: int, width: int, layers: int, heads: int):
+        super().__init__()
+        self.token = nn.Embedding(vocabulary, width)
+        self.position = nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*(Block(width, heads) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, T) int64 -> (B, T, vocabulary) logits
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.token(tokens) + self.position(positions)
+        return self.head(self.norm(self.blocks(x)))
+
+
+def char_transformer(
+    *, context: int = 64, width: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, dtype=torch.float32
+) -> CharTransformer:
+    """A CharTransformer over VOCABULARY with weights drawn on the CPU from `seed` (the global random
+    state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CharTransformer(len(VOCABULARY), context, width, layers, heads)
+    return model.to(dtype)
