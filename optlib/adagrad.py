@@ -84,8 +84,8 @@ class Adagrad(Optimizer):
         initial_accumulator_value (float, optional): the start :math:`s_0` of the sum of
             squared gradients (default: 0)
         eps (float, optional): :math:`\epsilon`, added to :math:`\sqrt{s_t}` (default: 1e-10)
-        foreach, fused (bool, optional): accepted and stored, so that code and checkpoints written
-            for ``torch.optim.Adagrad`` work unchanged; optlib has one implementation.
+        foreach, fused (bool, optional): ``True`` runs the same update compiled, on many
+            tensors at once (`optlib.fast`); the default (``None``) is the readable loop.
         maximize (bool, optional): maximize the objective instead of minimizing it
             (default: False)
         differentiable (bool, optional): only ``False`` is supported.
@@ -132,14 +132,14 @@ class Adagrad(Optimizer):
         s0 = group["initial_accumulator_value"]
         if param.is_complex():  # s_0 in the real and the imaginary part
             s0 = complex(s0, s0)
-        return dict(step=step_counter(), sum=torch.full_like(param, s0))
+        return dict(step=step_counter(param, group["fused"]), sum=torch.full_like(param, s0))
 
-    def _update(self, param, grad, state, group):
+    @staticmethod
+    def _update(param, grad, state, group):
         adagrad_update(
             real(param),
             real(grad),
             real(state["sum"]),
-            step=state["step"].item(),
             **settings_for(adagrad_update, group),  # lr, lr_decay, eps ...
         )
 

@@ -112,8 +112,8 @@ class Adam(Optimizer):
         weight_decay (float, optional): weight decay :math:`\lambda` (default: 0)
         amsgrad (bool, optional): use the running maximum of :math:`v_t` (Reddi et al., 2018)
             (default: False)
-        foreach, fused (bool, optional): accepted and stored, so that code and checkpoints written
-            for ``torch.optim.Adam`` work unchanged; optlib has one implementation.
+        foreach, fused (bool, optional): ``True`` runs the same update compiled, on many
+            tensors at once (`optlib.fast`); the default (``None``) is the readable loop.
         maximize (bool, optional): maximize the objective instead of minimizing it
             (default: False)
         capturable, differentiable (bool, optional): only ``False`` is supported.
@@ -161,7 +161,7 @@ class Adam(Optimizer):
 
     def _init_state(self, param, group):
         state = dict(
-            step=step_counter(),
+            step=step_counter(param, group["fused"]),
             exp_avg=torch.zeros_like(param),
             exp_avg_sq=torch.zeros_like(param),
         )
@@ -169,7 +169,8 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(param)
         return state
 
-    def _update(self, param, grad, state, group):
+    @staticmethod
+    def _update(param, grad, state, group):
         beta1, beta2 = group["betas"]
         adam_update(
             real(param),
@@ -177,7 +178,6 @@ class Adam(Optimizer):
             real(state["exp_avg"]),
             real(state["exp_avg_sq"]),
             real(state.get("max_exp_avg_sq")),
-            step=state["step"].item(),
             beta1=beta1,
             beta2=beta2,
             **settings_for(adam_update, group),  # lr, eps, weight_decay ...

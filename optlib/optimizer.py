@@ -15,11 +15,12 @@ and a subclass that names its defaults, creates its state (``_init_state``) and 
 (``_update``).
 """
 
-import functools
 import inspect
 
 import torch
 from torch import Tensor
+
+from optlib.fast import compiled_update
 
 __all__ = [
     "Optimizer",
@@ -54,19 +55,24 @@ def hyperparameters(arguments: dict) -> dict:
     return {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
 
 
-@functools.cache
-def _keywords(update) -> frozenset:
-    return frozenset(inspect.signature(update).parameters)
+# An update function's keyword names, looked up once: inspect is slow, and a dict (unlike
+# functools.cache) is something torch.compile reads through without a warning.
+_KEYWORDS: dict = {}
 
 
 def settings_for(update, group: dict) -> dict:
     """The settings of a parameter group that an update function takes, by their names."""
-    return {k: v for k, v in group.items() if k in _keywords(update)}
+    if update not in _KEYWORDS:
+        _KEYWORDS[update] = frozenset(inspect.signature(update).parameters)
+    return {k: v for k, v in group.items() if k in _KEYWORDS[update]}
 
 
-def step_counter() -> Tensor:
-    """A new ``state["step"]`` as torch makes it: a float tensor on the CPU, float64 only when the
-    default dtype is float64, so that a checkpoint moves between torch and optlib unchanged."""
+def step_counter(param: Tensor | None = None, fused: bool | None = False) -> Tensor:
+    """A new ``state["step"]`` as torch makes it, so that a checkpoint moves between torch and
+    optlib unchanged: a float tensor on the CPU, float64 only when the default dtype is float64;
+    with ``fused=True``, float32 on the parameter's device, where torch's fused kernels keep it."""
+    if fused:
+        return torch.zeros((), dtype=torch.float32, device=param.device)
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return torch.tensor(0.0, dtype=dtype)
 
@@ -94,7 +100,11 @@ class Optimizer(torch.optim.Optimizer):
 
     A subclass implements ``_update(param, grad, state, group)``, one step for one tensor, and,
     if it keeps state, ``_init_state(param, group)``, which returns the state of a parameter
-    before its first step. ``group`` holds the hyperparameters as plain numbers.
+    before its first step. ``group`` holds the hyperparameters as plain numbers and, for an
+    optimizer that counts steps, ``step``: t for this tensor.
+
+    With ``foreach=True`` or ``fused=True`` the same ``_update`` runs compiled, on many tensors
+    at once (`optlib.fast`); the results agree with the loop here to float rounding.
     """
 
     # torch.optim.SGD and Adagrad accept sparse gradients; the other optimizers refuse them.
@@ -126,7 +136,8 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, param: Tensor, group: dict) -> dict:
         return {}
 
-    def _update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    @staticmethod
+    def _update(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -139,18 +150,23 @@ class Optimizer(torch.optim.Optimizer):
 
         for group in self.param_groups:
             settings = {k: _value(v) for k, v in group.items() if k != "params"}
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for param in params:
                 if param.grad.is_sparse and not self.accepts_sparse_gradients:
                     name = type(self).__name__
                     raise RuntimeError(f"{name} does not support sparse gradients")
-                state = self.state[param]
-                if not state:
-                    state.update(self._init_state(param, settings))
-                if "step" in state:
-                    state["step"] += 1  # t counts from 1: step 1 sees step == 1
-                self._update(param, param.grad, state, settings)
-                if not state:  # like torch, no empty entries (plain SGD)
+                if not self.state[param]:
+                    self.state[param].update(self._init_state(param, settings))
+            if settings.get("foreach") or settings.get("fused"):
+                compiled_update(self, params, settings)  # optlib.fast
+            else:
+                for param in params:
+                    state = self.state[param]
+                    if "step" in state:
+                        state["step"] += 1  # t counts from 1: step 1 sees t = 1
+                        settings["step"] = state["step"].item()  # t, for _update
+                    self._update(param, param.grad, state, settings)
+            for param in params:
+                if not self.state[param]:  # like torch, no empty entries (plain SGD)
                     del self.state[param]
         return loss

@@ -103,8 +103,8 @@ class RMSprop(Optimizer):
         centered (bool, optional): divide by an estimate of the standard deviation of the
             gradient instead of its root mean square (Graves, 2013) (default: False)
         capturable, differentiable (bool, optional): only ``False`` is supported.
-        foreach (bool, optional): accepted and stored, so that code and checkpoints written for
-            ``torch.optim.RMSprop`` work unchanged; optlib has one implementation.
+        foreach (bool, optional): ``True`` runs the same update compiled, on many
+            tensors at once (`optlib.fast`); the default (``None``) is the readable loop.
         maximize (bool, optional): maximize the objective instead of minimizing it
             (default: False)
 
@@ -153,7 +153,8 @@ class RMSprop(Optimizer):
             state["grad_avg"] = torch.zeros_like(param)
         return state
 
-    def _update(self, param, grad, state, group):
+    @staticmethod
+    def _update(param, grad, state, group):
         rmsprop_update(
             real(param),
             real(grad),

@@ -95,9 +95,8 @@ class SGD(Optimizer):
             dampening (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing it
             (default: False)
-        foreach, fused (bool, optional): accepted and stored in the parameter groups so that
-            code and checkpoints written for ``torch.optim.SGD`` work unchanged; optlib has a
-            single implementation, the plain per-parameter loop below, whatever their value.
+        foreach, fused (bool, optional): ``True`` runs the same update compiled, on many
+            tensors at once (`optlib.fast`); the default (``None``) is the readable loop.
         differentiable (bool, optional): only ``False`` is supported.
 
     .. note::
@@ -148,7 +147,8 @@ class SGD(Optimizer):
             )
         super().__init__(params, hyperparameters(locals()))
 
-    def _update(self, param, grad, state, group):
+    @staticmethod
+    def _update(param, grad, state, group):
         buffer = sgd_update(
             param,
             grad,

@@ -55,11 +55,15 @@ def test_matches_torch_over_the_grid(name, kwargs):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("impl", [dict(foreach=False), dict(foreach=True), dict(fused=True)], ids=str)
 def test_matches_every_torch_implementation(name, impl):
+    # The same flags on both sides: optlib's fast path against torch's foreach and fused code,
+    # state dtypes included (a fused step counter is float32 on the parameter's device).
     ours, theirs, _ = TWINS[name]
     if name == "RMSprop" and "fused" in impl:
         pytest.skip("torch.optim.RMSprop has no fused implementation")
     result = run_side_by_side(
-        lambda ps: ours(ps, **TYPICAL[name]), lambda ps: theirs(ps, **TYPICAL[name], **impl), steps=60
+        lambda ps: ours(ps, **TYPICAL[name], **impl),
+        lambda ps: theirs(ps, **TYPICAL[name], **impl),
+        steps=60,
     )
     assert result.agrees(1e-10)
 

@@ -1,0 +1,135 @@
+"""The fast path: the optimizer's own ``_update``, compiled, on many tensors at once.
+
+An optimizer step reads and writes every parameter and every state tensor and does a few
+operations on each number, so its time goes to memory traffic and, for small tensors, to the
+fixed cost of each operation. The readable loop pays both: every operation of the update is a
+pass over memory, and every tensor pays that fixed cost once per operation. PyTorch answers with
+two more copies of each optimizer's math (``foreach`` over lists of tensors, and ``fused``
+kernels); optlib derives its fast path from the one update it has:
+
+- **vertical fusion**: ``torch.compile`` turns the update's element-wise operations into one
+  kernel that reads each input once and writes each output once;
+- **horizontal fusion**: tensors are updated in buckets. A large contiguous tensor is its own
+  bucket, seen as one flat vector (a view, no copy). Small tensors with the same dtype, device,
+  state and step count are packed into one flat vector each step, updated by one kernel, and
+  copied back: copying a small tensor costs less than the fixed cost of one more operation.
+
+The compiled function takes vectors of any length, the learning rate as a tensor and the step
+count as an integer it reads at run time, so new tensor sizes, a scheduler changing the learning
+rate, or the next step do not compile it again (the second step compiles once more, for any
+step count). The other hyperparameters are compiled in as constants: a new value of ``betas`` or
+``momentum`` compiles a new version. Compiling costs seconds on the first steps;
+``python -m optlib.bench.speed`` measures it.
+"""
+
+import torch
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["compiled_update", "SMALL"]
+
+# A tensor with fewer elements than this is packed with others; a larger one is updated where
+# it lies, by a kernel of its own.
+SMALL = 2**16
+
+
+class _TensorScalars(TorchFunctionMode):
+    """Lets ``x.add_(y, alpha=a)``, ``x.addcdiv_(y, z, value=a)`` and their kin take a tensor
+    ``a``, as ``x.add_(y * a)``: the compiled kernel is the same, and the readable update keeps
+    the one-pass forms it uses with numbers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        for name in ("alpha", "value"):
+            if isinstance(kwargs.get(name), Tensor):
+                args = (args[0], args[1] * kwargs.pop(name), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _update_bucket(update, param: Tensor, grad: Tensor, state: dict, settings: dict) -> None:
+    with _TensorScalars():
+        update(param, grad, state, settings)
+
+
+# realize_opcount_threshold=0: the numbers computed from lr and t (Adam's bias corrections) get
+# a buffer of their own, computed once per call; inlined into the element loop they would cost a
+# pow() per 16 elements.
+_compiled_bucket = torch.compile(_update_bucket, options={"realize_opcount_threshold": 0})
+_COMPILE_OPTIONS = dict(
+    # Floats other than lr are constants of the compiled code: torch 2.13 can specialize a
+    # symbolic float without a guard, and then silently reuses a stale step size.
+    specialize_float=True,
+    # One version per optimizer class, dtype and set of options; past torch's default of 8,
+    # a new variant would run the readable loop, uncompiled.
+    recompile_limit=64,
+)
+
+
+def _scalar(value: float, like: Tensor) -> Tensor:
+    """A number as a 0-dim tensor on ``like``'s device, in float64 for float64 (and complex128)
+    tensors and in float32 otherwise, the precision the eager kernels compute in."""
+    dtype = torch.float64 if like.dtype in (torch.float64, torch.complex128) else torch.float32
+    return torch.as_tensor(value, dtype=dtype).to(like.device)
+
+
+def _compiled(update, param, grad, state, settings) -> None:
+    for tensor in (param, grad, *state.values()):
+        if tensor.numel() > 1:  # one compiled version for every length
+            torch._dynamo.mark_dynamic(tensor, 0)
+    _compiled_bucket(update, param, grad, state, settings)
+
+
+def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
+    """One step of ``optimizer._update`` for ``params`` (all with a gradient, all with their
+    state created), on buckets of tensors, compiled."""
+    states = [optimizer.state[p] for p in params]
+    steps = [s["step"] for s in states if "step" in s]
+    if steps:
+        torch._foreach_add_(steps, 1)  # one call for all counters: t counts from 1
+        step_values = iter(torch.stack([s.cpu() for s in steps]).tolist())
+
+    buckets: dict = {}
+    for param, state in zip(params, states):
+        t = next(step_values) if "step" in state else None
+        if param.grad.is_sparse:  # rows of an embedding: the readable update handles them
+            optimizer._update(param, param.grad, state, {**settings, "step": t})
+            continue
+        tensors = [param, param.grad, *(v for k, v in state.items() if k != "step")]
+        if param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
+            key = id(param)  # updated where it lies, alone
+        else:
+            key = (param.device, param.dtype, t, tuple(state))
+        buckets.setdefault(key, ([], t))[0].append(param)
+
+    with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
+        for bucket, t in buckets.values():
+            _step_bucket(type(optimizer)._update, bucket, [optimizer.state[p] for p in bucket],
+                         t, settings)
+
+
+def _step_bucket(update, params: list[Tensor], states: list[dict], t, settings: dict) -> None:
+    keys = [k for k in states[0] if k != "step"]  # the per-element state: moments, sums ...
+    settings = {**settings, "lr": _scalar(settings["lr"], params[0])}
+    if t is not None:
+        settings["step"] = int(t)  # an integer: compiled as a symbol, not a constant
+    if len(params) == 1 and params[0].numel() >= SMALL:
+        # One large tensor: flat views, so the compiled update writes where it lies.
+        param, state = params[0], states[0]
+        flat_state = {k: state[k].view(-1) for k in keys}
+        _compiled(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
+        for k in flat_state.keys() - state.keys():  # state made on this step (SGD's buffer)
+            state[k] = flat_state[k].view_as(param)
+        return
+    # Small tensors: one flat vector per kind, updated together, then copied back.
+    flat_param = _flatten_dense_tensors(params).detach()  # one tensor comes back as a view
+    flat_state = {k: _flatten_dense_tensors([s[k] for s in states]) for k in keys}
+    flat_grad = _flatten_dense_tensors([p.grad for p in params])
+    _compiled(update, flat_param, flat_grad, flat_state, settings)
+    torch._foreach_copy_(params, _unflatten_dense_tensors(flat_param, params))
+    for k in keys:
+        tensors = [s[k] for s in states]
+        torch._foreach_copy_(tensors, _unflatten_dense_tensors(flat_state[k], tensors))
+    for k in flat_state.keys() - set(keys):  # state made on this step (SGD's buffer)
+        for state, piece in zip(states, _unflatten_dense_tensors(flat_state[k], params)):
+            state[k] = piece.clone()

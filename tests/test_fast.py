@@ -1,0 +1,170 @@
+"""The fast path (foreach=True or fused=True): the same update as the readable loop, compiled and
+run on buckets of tensors. It must give the loop's results, for every optimizer and argument, in
+float64 to 1e-12 and in float32 to rounding, and stay compiled when the learning rate changes."""
+
+import copy
+
+import pytest
+import torch
+from optim_helpers import TWINS, TYPICAL
+
+import optlib
+from optlib.bench import run_side_by_side
+from optlib.fast import SMALL
+
+NAMES = list(TWINS)
+# Small tensors that are packed together, a scalar, and one tensor large enough to be updated
+# where it lies: both kinds of bucket.
+SHAPES = ((4, 3), (3,), (), (SMALL + 7,))
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    # Each test compiles its own variants; a fresh cache keeps the count under the limit.
+    torch._dynamo.reset()
+    yield
+
+
+def _fast_flag(name):
+    return dict(foreach=True) if name == "RMSprop" else dict(fused=True)
+
+
+def _one_at_a_time(name):
+    """TYPICAL, and every other value of each argument in the grid, one argument at a time:
+    each argument's every value is compiled at least once, at a cost linear in their number."""
+    _, _, settings = TWINS[name]
+    variants = [TYPICAL[name]]
+    for kwargs in settings:
+        for key, value in kwargs.items():
+            if all(v.get(key) is not value for v in variants):
+                variant = dict(TYPICAL[name], **{key: value})
+                if name != "SGD" or not variant.get("nesterov") or (
+                    variant["momentum"] > 0 and variant["dampening"] == 0
+                ):
+                    variants.append(variant)
+    return variants
+
+
+CASES = [
+    pytest.param(name, kwargs, id=f"{name}-{i}")
+    for name in NAMES
+    for i, kwargs in enumerate(_one_at_a_time(name))
+]
+
+
+@pytest.mark.parametrize("name, kwargs", CASES)
+def test_fast_path_matches_the_loop_in_float64(name, kwargs):
+    cls = TWINS[name][0]
+    result = run_side_by_side(
+        lambda ps: cls(ps, **copy.deepcopy(kwargs)),
+        lambda ps: cls(ps, **copy.deepcopy(kwargs), **_fast_flag(name)),
+        steps=50,
+        shapes=SHAPES,
+    )
+    assert result.agrees(1e-12), result
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_matches_the_loop_in_float32(name):
+    # The compiled kernel fuses multiply-adds and computes the step size once in float32: it
+    # rounds differently from the loop, by a few float32 units over 50 steps.
+    cls = TWINS[name][0]
+    result = run_side_by_side(
+        lambda ps: cls(ps, **TYPICAL[name]),
+        lambda ps: cls(ps, **TYPICAL[name], **_fast_flag(name)),
+        steps=50,
+        shapes=SHAPES,
+        dtype=torch.float32,
+    )
+    assert result.state_keys_match and result.state_types_match
+    assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-4, result
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_complex_parameters(name):
+    cls = TWINS[name][0]
+    result = run_side_by_side(
+        lambda ps: cls(ps, **TYPICAL[name]),
+        lambda ps: cls(ps, **TYPICAL[name], **_fast_flag(name)),
+        steps=20,
+        shapes=SHAPES,
+        dtype=torch.complex128,
+    )
+    assert result.agrees(1e-12), result
+
+
+def _compiled_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _train(opt, params, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
+def test_a_scheduler_changes_the_learning_rate_without_recompiling():
+    params = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in SHAPES]
+    opt = optlib.AdamW(params, lr=0.1, fused=True)
+    scheduler = optlib.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    _train(opt, params, steps=3, seed=0)  # steps 1 and 2 compile (the step count becomes a symbol)
+    compiled = _compiled_graphs()
+    for _ in range(10):
+        _train(opt, params, steps=1, seed=1)
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] < 0.1
+    assert _compiled_graphs() == compiled
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+def test_parameter_groups_state_dicts_and_schedulers():
+    # Two groups with their own settings, trained by the fast path; the state_dict then moves
+    # to torch's fused AdamW and to optlib's loop, and all three continue alike.
+    def make(cls, **flags):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in SHAPES]
+        groups = [dict(params=params[:2], lr=0.05), dict(params=params[2:], weight_decay=0.2)]
+        return params, cls(groups, lr=0.01, **flags)
+
+    params, fast = make(optlib.AdamW, fused=True)
+    scheduler = optlib.lr_scheduler.StepLR(fast, step_size=3, gamma=0.5)
+    for _ in range(7):
+        _train(fast, params, steps=1, seed=2)
+        scheduler.step()
+    continuations = [
+        make(optlib.AdamW, fused=True), make(torch.optim.AdamW, fused=True), make(optlib.AdamW)
+    ]
+    for other_params, other in continuations:
+        with torch.no_grad():
+            for p, q in zip(other_params, params):
+                p.copy_(q)
+        other.load_state_dict(copy.deepcopy(fast.state_dict()))  # loading keeps the tensors
+    for group in continuations[2][1].param_groups:  # loading set fused=True: back to the loop
+        group["fused"] = None
+    for other_params, other in continuations:
+        _train(other, other_params, steps=5, seed=3)
+    reference = continuations[0][0]
+    for other_params, _ in continuations[1:]:
+        assert max((p - q).abs().max().item() for p, q in zip(reference, other_params)) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+def test_sparse_gradients_take_the_loop(name):
+    kwargs = dict(lr=0.1) if name == "SGD" else dict(lr=0.1, lr_decay=0.01)
+    result = []
+    for flags in ({}, dict(fused=True)):
+        embedding = torch.nn.Embedding(10, 3, sparse=True, dtype=torch.float64)
+        dense = torch.nn.Linear(3, 1, dtype=torch.float64)
+        torch.manual_seed(0)
+        for module in (embedding, dense):
+            for p in module.parameters():
+                torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(1))
+        opt = TWINS[name][0]([*embedding.parameters(), *dense.parameters()], **kwargs, **flags)
+        for step in range(5):
+            opt.zero_grad()
+            dense(embedding(torch.tensor([step % 10, 3]))).sum().backward()
+            opt.step()
+        result.append(torch.cat([p.detach().flatten() for p in (*embedding.parameters(), *dense.parameters())]))
+    assert (result[0] - result[1]).abs().max().item() < 1e-12
