@@ -24,8 +24,9 @@ step count). The other hyperparameters are compiled in as constants: a new value
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["compiled_update", "SMALL"]
 
@@ -87,7 +88,9 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
     steps = [s["step"] for s in states if "step" in s]
     if steps:
         torch._foreach_add_(steps, 1)  # one call for all counters: t counts from 1
-        step_values = iter(torch.stack([s.cpu() for s in steps]).tolist())
+        if len({s.device for s in steps}) > 1:
+            steps = [s.cpu() for s in steps]
+        step_values = iter(torch.stack(steps).tolist())  # one copy to the host, not one each
 
     buckets: dict = {}
     for param, state in zip(params, states):
@@ -95,41 +98,84 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
         if param.grad.is_sparse:  # rows of an embedding: the readable update handles them
             optimizer._update(param, param.grad, state, {**settings, "step": t})
             continue
-        tensors = [param, param.grad, *(v for k, v in state.items() if k != "step")]
-        if param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
+        if param.numel() >= SMALL and all(
+            x.is_contiguous() for x in (param, param.grad, *state.values())
+        ):
             key = id(param)  # updated where it lies, alone
         else:
             key = (param.device, param.dtype, t, tuple(state))
         buckets.setdefault(key, ([], t))[0].append(param)
 
+    update = type(optimizer)._update
     with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
         for bucket, t in buckets.values():
-            _step_bucket(type(optimizer)._update, bucket, [optimizer.state[p] for p in bucket],
-                         t, settings)
+            bucket_settings = {**settings, "lr": _scalar(settings["lr"], bucket[0])}
+            if t is not None:
+                bucket_settings["step"] = int(t)  # an integer: a symbol, not a constant
+            if len(bucket) == 1 and bucket[0].numel() >= SMALL:
+                _step_in_place(update, bucket[0], optimizer.state[bucket[0]], bucket_settings)
+            else:
+                _step_packed(update, bucket, [optimizer.state[p] for p in bucket], bucket_settings)
 
 
-def _step_bucket(update, params: list[Tensor], states: list[dict], t, settings: dict) -> None:
-    keys = [k for k in states[0] if k != "step"]  # the per-element state: moments, sums ...
-    settings = {**settings, "lr": _scalar(settings["lr"], params[0])}
-    if t is not None:
-        settings["step"] = int(t)  # an integer: compiled as a symbol, not a constant
-    if len(params) == 1 and params[0].numel() >= SMALL:
-        # One large tensor: flat views, so the compiled update writes where it lies.
-        param, state = params[0], states[0]
-        flat_state = {k: state[k].view(-1) for k in keys}
-        _compiled(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
-        for k in flat_state.keys() - state.keys():  # state made on this step (SGD's buffer)
-            state[k] = flat_state[k].view_as(param)
-        return
-    # Small tensors: one flat vector per kind, updated together, then copied back.
-    flat_param = _flatten_dense_tensors(params).detach()  # one tensor comes back as a view
-    flat_state = {k: _flatten_dense_tensors([s[k] for s in states]) for k in keys}
-    flat_grad = _flatten_dense_tensors([p.grad for p in params])
-    _compiled(update, flat_param, flat_grad, flat_state, settings)
-    torch._foreach_copy_(params, _unflatten_dense_tensors(flat_param, params))
-    for k in keys:
-        tensors = [s[k] for s in states]
-        torch._foreach_copy_(tensors, _unflatten_dense_tensors(flat_state[k], tensors))
-    for k in flat_state.keys() - set(keys):  # state made on this step (SGD's buffer)
-        for state, piece in zip(states, _unflatten_dense_tensors(flat_state[k], params)):
-            state[k] = piece.clone()
+def _step_in_place(update, param: Tensor, state: dict, settings: dict) -> None:
+    """One large tensor: flat views of it and of its state, so the kernel writes where they lie."""
+    flat_state = {k: v.view(-1) for k, v in state.items() if k != "step"}
+    _compiled(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
+    for k in flat_state.keys() - state.keys():  # state made on this step (SGD's buffer)
+        state[k] = flat_state[k].view_as(param)
+
+
+class _Pack:
+    """Small tensors updated as one vector. Their parameters and gradients are copied into flat
+    buffers each step (one ``_foreach_copy_`` each), and their state lives in flat buffers
+    between steps: each state entry is a view into one. A state entry that is not such a view
+    (a new optimizer, or one that loaded a state_dict) is copied in and replaced by the view."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.param, self.param_views = self._buffer()
+        self.grad, self.grad_views = self._buffer()
+        self.state, self.state_views = {}, {}
+
+    def _buffer(self) -> tuple[Tensor, list[Tensor]]:
+        first = self.params[0]
+        flat = first.new_empty(sum(p.numel() for p in self.params))
+        return flat, _unflatten_dense_tensors(flat, self.params)
+
+    def hold(self, states: list[dict], key: str, flat: Tensor | None = None) -> None:
+        """Make every ``state[key]`` a view into this pack: of ``flat`` when the update has just
+        made it, else of a new buffer that the present values are copied into."""
+        views = self.state_views.get(key)
+        if flat is None and views is not None and all(s[key] is v for s, v in zip(states, views)):
+            return
+        if flat is None:
+            flat, views = self._buffer()
+            torch._foreach_copy_(views, [s[key] for s in states])
+        else:
+            views = _unflatten_dense_tensors(flat, self.params)
+        self.state[key], self.state_views[key] = flat, views
+        for state, view in zip(states, views):
+            state[key] = view
+
+
+# The packs of small tensors, each kept with the first parameter it holds (and dropped with it).
+_PACKS = WeakIdKeyDictionary()
+
+
+def _step_packed(update, params: list[Tensor], states: list[dict], settings: dict) -> None:
+    keys = tuple(k for k in states[0] if k != "step")  # the per-element state: moments, sums ...
+    identity = (keys, tuple(map(id, params)), tuple(p.shape for p in params))
+    pack = _PACKS.get(params[0])
+    if pack is None or pack[0] != identity:
+        pack = _PACKS[params[0]] = (identity, _Pack(params))
+    pack = pack[1]
+    torch._foreach_copy_(pack.param_views, params)
+    torch._foreach_copy_(pack.grad_views, [p.grad for p in params])
+    for key in keys:
+        pack.hold(states, key)
+    flat_state = dict(pack.state)
+    _compiled(update, pack.param, pack.grad, flat_state, settings)
+    torch._foreach_copy_(params, pack.param_views)
+    for key in flat_state.keys() - pack.state.keys():  # state made on this step (SGD's buffer)
+        pack.hold(states, key, flat_state[key])

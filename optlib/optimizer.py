@@ -163,10 +163,10 @@ class Optimizer(torch.optim.Optimizer):
                 for param in params:
                     state = self.state[param]
                     if "step" in state:
-                        state["step"] += 1  # t counts from 1: step 1 sees t = 1
+                        state["step"] += 1  # t counts from 1
                         settings["step"] = state["step"].item()  # t, for _update
                     self._update(param, param.grad, state, settings)
             for param in params:
-                if not self.state[param]:  # like torch, no empty entries (plain SGD)
+                if not self.state[param]:  # no empty entries, as in torch
                     del self.state[param]
         return loss

@@ -1,0 +1,271 @@
+"""How fast is an optimizer step? Step times of torch.optim and optlib, side by side.
+
+Run it as ``python -m optlib.bench.speed`` (``--help`` for the options). For each optimizer it
+times one step of torch's default, ``foreach`` and ``fused`` implementations (where torch has
+them) and of optlib's default loop and fast path, on few large tensors and on many small ones,
+on every available device. Next to each time it puts
+
+- the memory traffic of a step: every parameter and gradient is read, every parameter written,
+  and every state tensor read and written once, so a step moves at least
+  (3 + 2 x state tensors) x bytes per element for each parameter;
+- the bandwidth floor: that traffic divided by the bandwidth this machine measures for simple
+  streaming kernels on tensors as large as the benchmark's (``measure_bandwidth``);
+- the peak memory a step allocates beyond the tensors it updates (temporaries);
+- for the fast path, the time its first steps spend compiling.
+
+The table goes to the terminal, and all numbers to a JSON file with ``--json``.
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import optlib
+
+__all__ = [
+    "CASES",
+    "OPTIMIZERS",
+    "Timing",
+    "bytes_per_parameter",
+    "measure_bandwidth",
+    "run",
+    "table",
+]
+
+# name: (settings used for every implementation, the flag that selects optlib's fast path)
+OPTIMIZERS = {
+    "SGD": (dict(lr=0.01, momentum=0.9), "fused"),
+    "Adagrad": (dict(lr=0.01), "fused"),
+    "RMSprop": (dict(lr=0.01), "foreach"),  # torch.optim.RMSprop has no fused argument
+    "Adam": (dict(lr=1e-3), "fused"),
+    "AdamW": (dict(lr=1e-3, weight_decay=0.01), "fused"),
+}
+
+# Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
+# of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
+CASES = {
+    "few large": lambda scale: [(4096 // scale, 1024)] * 4,
+    "many small": lambda scale: [(64, 64), (64,)] * (400 // scale),
+}
+
+
+@dataclasses.dataclass
+class Timing:
+    """One implementation of one optimizer on one case and device."""
+
+    optimizer: str
+    case: str
+    device: str
+    implementation: str  # "torch", "torch foreach", "torch fused", "optlib", "optlib fast"
+    seconds_per_step: float
+    parameters: int
+    tensors: int
+    bytes_per_parameter: int
+    bandwidth_floor_seconds: float  # the traffic at the measured bandwidth
+    peak_extra_bytes: int  # allocated during a step beyond the tensors it updates
+    compile_seconds: float | None = None  # the fast path's first steps, less two ordinary steps
+
+    @property
+    def fraction_of_floor(self) -> float:
+        return self.bandwidth_floor_seconds / self.seconds_per_step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn, device: str, repeats: int = 5, number: int = 10) -> float:
+    """Median over ``repeats`` of the mean time of ``number`` calls of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / number)
+    return statistics.median(times)
+
+
+def measure_bandwidth(elements: int, device: str, dtype=torch.float32) -> float:
+    """Bytes per second of the fastest of three streaming kernels on tensors of ``elements``
+    numbers: in-place scale (reads and writes one tensor), add (reads two, writes one) and copy
+    (reads one, writes another). It is what a step that only moved its bytes would reach."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(elements, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    size = a.element_size() * elements
+    kernels = [(lambda: a.mul_(0.999), 2 * size), (lambda: a.add_(b), 3 * size),
+               (lambda: a.copy_(b), 2 * size)]
+    return max(moved / _seconds(kernel, device) for kernel, moved in kernels)
+
+
+def _peak_extra_bytes(step, device: str) -> int:
+    """The most memory allocated at any moment of ``step()`` beyond what was allocated before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def bytes_per_parameter(optimizer: torch.optim.Optimizer) -> int:
+    """The least memory traffic of one step, per parameter, for an optimizer that has stepped:
+    read the parameter and its gradient, write the parameter, read and write each state tensor
+    of the parameter's shape (moments, sums, buffers; not the step counter)."""
+    param = optimizer.param_groups[0]["params"][0]
+    state = optimizer.state.get(param, {})
+    state_tensors = sum(
+        1 for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.shape == param.shape
+    )
+    return (3 + 2 * state_tensors) * param.element_size()
+
+
+def _implementations(name: str, fast_flag: str) -> dict:
+    torch_cls, optlib_cls = getattr(torch.optim, name), getattr(optlib, name)
+    implementations = {
+        "torch": (torch_cls, dict(foreach=False)),
+        "torch foreach": (torch_cls, dict(foreach=True)),
+        "optlib": (optlib_cls, {}),
+        "optlib fast": (optlib_cls, {fast_flag: True}),
+    }
+    if name != "RMSprop":
+        implementations["torch fused"] = (torch_cls, dict(fused=True))
+    return implementations
+
+
+def _parameters(shapes, device: str):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    return params
+
+
+def _time_one(cls, flags, settings, shapes, device, bandwidth) -> dict | None:
+    params = _parameters(shapes, device)
+    try:
+        opt = cls(params, **settings, **flags)
+        start = time.perf_counter()
+        opt.step()
+        opt.step()
+        _sync(device)
+        first_two = time.perf_counter() - start
+    except RuntimeError:  # an implementation torch lacks on this device (fused Adagrad on CUDA)
+        return None
+    seconds = _seconds(opt.step, device)
+    count = sum(p.numel() for p in params)
+    traffic = bytes_per_parameter(opt)
+    return dict(
+        seconds_per_step=seconds,
+        parameters=count,
+        tensors=len(params),
+        bytes_per_parameter=traffic,
+        bandwidth_floor_seconds=traffic * count / bandwidth,
+        peak_extra_bytes=_peak_extra_bytes(opt.step, device),
+        compile_seconds=max(first_two - 2 * seconds, 0.0),
+    )
+
+
+def devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def run(
+    optimizers=tuple(OPTIMIZERS), cases=tuple(CASES), devices=None, scale: int = 1, progress=True
+) -> tuple[list[Timing], dict]:
+    """Time every implementation of every optimizer on every case and device. Returns the
+    timings and the measured bandwidth of each device (bytes per second)."""
+    devices = devices or globals()["devices"]()
+    largest = max(sum(torch.Size(s).numel() for s in CASES[c](scale)) for c in cases)
+    bandwidth = {d: measure_bandwidth(largest, d) for d in devices}
+    jobs = [
+        (name, case, device, label, cls, flags)
+        for device in devices
+        for case in cases
+        for name in optimizers
+        for label, (cls, flags) in _implementations(name, OPTIMIZERS[name][1]).items()
+    ]
+    timings = []
+    for name, case, device, label, cls, flags in tqdm(jobs, disable=not progress, desc="steps"):
+        measured = _time_one(
+            cls, flags, OPTIMIZERS[name][0], CASES[case](scale), device, bandwidth[device]
+        )
+        if measured is not None:
+            if not label.endswith("fast"):
+                measured["compile_seconds"] = None
+            timings.append(Timing(name, case, device, label, **measured))
+    return timings, bandwidth
+
+
+def table(timings: list[Timing]) -> str:
+    """The timings as a text table, one row per optimizer, case, device and implementation,
+    with each time relative to torch's default and to its fastest variant."""
+    rows = [
+        f"{'optimizer':9} {'case':10} {'device':6} {'implementation':14} {'ms/step':>8} "
+        f"{'vs torch':>8} {'vs best':>7} {'floor':>5} {'B/param':>7} {'extra MB':>8} {'compile s':>9}"
+    ]
+    for t in timings:
+        same = [u for u in timings if (u.optimizer, u.case, u.device) == (t.optimizer, t.case, t.device)]
+        torch_default = next(u for u in same if u.implementation == "torch").seconds_per_step
+        torch_best = min(u.seconds_per_step for u in same if u.implementation.startswith("torch"))
+        compile_s = "" if t.compile_seconds is None else f"{t.compile_seconds:.1f}"
+        rows.append(
+            f"{t.optimizer:9} {t.case:10} {t.device:6} {t.implementation:14} "
+            f"{1e3 * t.seconds_per_step:8.2f} {t.seconds_per_step / torch_default:8.2f} "
+            f"{t.seconds_per_step / torch_best:7.2f} {t.fraction_of_floor:5.2f} "
+            f"{t.bytes_per_parameter:7d} {t.peak_extra_bytes / 2**20:8.1f} {compile_s:>9}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated")
+    parser.add_argument("--devices", default=",".join(devices()), help="comma-separated")
+    parser.add_argument("--scale", type=int, default=1, help="divide the sizes, for a quick run")
+    parser.add_argument("--json", help="write every number to this file")
+    args = parser.parse_args(argv)
+    timings, bandwidth = run(
+        args.optimizers.split(","), args.cases.split(","), args.devices.split(","), args.scale
+    )
+    for device, rate in bandwidth.items():
+        print(f"{device}: measured bandwidth {rate / 1e9:.1f} GB/s")
+    print("floor: the bandwidth floor as a fraction of the step time (1 = at the floor)")
+    print(table(timings))
+    if args.json:
+        record = dict(
+            torch=torch.__version__,
+            machine=platform.processor() or platform.machine(),
+            threads=torch.get_num_threads(),
+            bandwidth_bytes_per_second=bandwidth,
+            timings=[dataclasses.asdict(t) for t in timings],
+        )
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

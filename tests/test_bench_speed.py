@@ -1,0 +1,54 @@
+"""The speed benchmark: its traffic model, and a tiny run of every implementation."""
+
+import pytest
+import torch
+
+import optlib
+from optlib.bench import speed
+
+
+def _stepped(cls, dtype=torch.float32, **kwargs):
+    param = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
+    param.grad = torch.ones_like(param)
+    opt = cls([param], **kwargs)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, tensors",
+    [
+        # parameter read and written, gradient read: 3; each state tensor read and written: 2
+        (optlib.SGD, dict(lr=0.1), 3),
+        (optlib.SGD, dict(lr=0.1, momentum=0.9), 5),
+        (optlib.Adagrad, {}, 5),
+        (optlib.RMSprop, {}, 5),
+        (optlib.RMSprop, dict(momentum=0.9, centered=True), 9),
+        (optlib.Adam, {}, 7),
+        (optlib.Adam, dict(amsgrad=True), 9),
+        (optlib.AdamW, {}, 7),
+        (torch.optim.Adam, dict(fused=True), 7),  # the step counter is not counted
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bytes_per_parameter(cls, kwargs, tensors, dtype):
+    opt = _stepped(cls, dtype, **kwargs)
+    assert speed.bytes_per_parameter(opt) == tensors * (4 if dtype == torch.float32 else 8)
+
+
+def test_a_small_run_times_every_implementation():
+    timings, bandwidth = speed.run(["Adam", "RMSprop"], scale=64, devices=["cpu"], progress=False)
+    assert bandwidth["cpu"] > 0
+    labels = {(t.optimizer, t.case, t.implementation) for t in timings}
+    for case in speed.CASES:
+        for label in ("torch", "torch foreach", "torch fused", "optlib", "optlib fast"):
+            assert ("Adam", case, label) in labels
+        assert ("RMSprop", case, "torch fused") not in labels  # torch has none
+        assert ("RMSprop", case, "optlib fast") in labels
+    for t in timings:
+        assert t.seconds_per_step > 0 and t.bandwidth_floor_seconds > 0
+        assert (t.compile_seconds is not None) == (t.implementation == "optlib fast")
+    fused = next(t for t in timings if t.implementation == "torch fused" and t.case == "few large")
+    assert fused.peak_extra_bytes < 4096  # a fused kernel allocates no temporaries
+    lines = speed.table(timings).splitlines()
+    assert len(lines) == len(timings) + 1 and "ms/step" in lines[0]
