@@ -56,7 +56,10 @@ def _update_bucket(update, param: Tensor, grad: Tensor, state: dict, settings: d
 # realize_opcount_threshold=0: the numbers computed from lr and t (Adam's bias corrections) get
 # a buffer of their own, computed once per call; inlined into the element loop they would cost a
 # pow() per 16 elements.
-_compiled_bucket = torch.compile(_update_bucket, options={"realize_opcount_threshold": 0})
+# dynamic=True: one compiled version for vectors of every length (and any step count).
+_compiled_bucket = torch.compile(
+    _update_bucket, dynamic=True, options={"realize_opcount_threshold": 0}
+)
 _COMPILE_OPTIONS = dict(
     # Floats other than lr are constants of the compiled code: torch 2.13 can specialize a
     # symbolic float without a guard, and then silently reuses a stale step size.
@@ -72,13 +75,6 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     tensors and in float32 otherwise, the precision the eager kernels compute in."""
     dtype = torch.float64 if like.dtype in (torch.float64, torch.complex128) else torch.float32
     return torch.as_tensor(value, dtype=dtype).to(like.device)
-
-
-def _compiled(update, param, grad, state, settings) -> None:
-    for tensor in (param, grad, *state.values()):
-        if tensor.numel() > 1:  # one compiled version for every length
-            torch._dynamo.mark_dynamic(tensor, 0)
-    _compiled_bucket(update, param, grad, state, settings)
 
 
 def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
@@ -121,7 +117,7 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
 def _step_in_place(update, param: Tensor, state: dict, settings: dict) -> None:
     """One large tensor: flat views of it and of its state, so the kernel writes where they lie."""
     flat_state = {k: v.view(-1) for k, v in state.items() if k != "step"}
-    _compiled(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
+    _compiled_bucket(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
     for k in flat_state.keys() - state.keys():  # state made on this step (SGD's buffer)
         state[k] = flat_state[k].view_as(param)
 
@@ -175,7 +171,7 @@ def _step_packed(update, params: list[Tensor], states: list[dict], settings: dic
     for key in keys:
         pack.hold(states, key)
     flat_state = dict(pack.state)
-    _compiled(update, pack.param, pack.grad, flat_state, settings)
+    _compiled_bucket(update, pack.param, pack.grad, flat_state, settings)
     torch._foreach_copy_(params, pack.param_views)
     for key in flat_state.keys() - pack.state.keys():  # state made on this step (SGD's buffer)
         pack.hold(states, key, flat_state[key])
