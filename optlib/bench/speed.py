@@ -38,6 +38,7 @@ __all__ = [
     "CASES",
     "OPTIMIZERS",
     "Timing",
+    "available_devices",
     "bytes_per_parameter",
     "measure_bandwidth",
     "run",
@@ -206,7 +207,7 @@ def warm_up() -> float:
     return time.perf_counter() - start
 
 
-def devices() -> list[str]:
+def available_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
@@ -215,7 +216,7 @@ def run(
 ) -> tuple[list[Timing], dict]:
     """Time every implementation of every optimizer on every case and device. Returns the
     timings and the measured bandwidth of each device (bytes per second)."""
-    devices = devices or globals()["devices"]()
+    devices = devices or available_devices()
     warm_up()
     largest = max(sum(torch.Size(s).numel() for s in CASES[c](scale)) for c in cases)
     bandwidth = {d: measure_bandwidth(largest, d) for d in devices}
@@ -263,7 +264,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated")
-    parser.add_argument("--devices", default=",".join(devices()), help="comma-separated")
+    parser.add_argument("--devices", default=",".join(available_devices()), help="comma-separated")
     parser.add_argument("--scale", type=int, default=1, help="divide the sizes, for a quick run")
     parser.add_argument("--json", help="write every number to this file")
     args = parser.parse_args(argv)
