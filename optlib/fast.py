@@ -83,25 +83,26 @@ def _scalar(value: float, like: Tensor) -> Tensor:
 
 
 def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
-    """One step of ``optimizer._update`` for ``params`` (all with a gradient, all with their
-    state created), on buckets of tensors, compiled."""
+    """One step of ``optimizer._update`` for ``params`` (all with a gradient,
+    all with their state created), on buckets of tensors, compiled."""
     states = [optimizer.state[p] for p in params]
     steps = [s["step"] for s in states if "step" in s]
     if steps:
-        torch._foreach_add_(steps, 1)  # one call for all counters: t counts from 1
+        torch._foreach_add_(steps, 1)  # one call for all counters: t from 1
         if len({s.device for s in steps}) > 1:
             steps = [s.cpu() for s in steps]
-        step_values = iter(torch.stack(steps).tolist())  # one copy to the host, not one each
+        # one copy to the host for all counters, not one each
+        step_values = iter(torch.stack(steps).tolist())
 
     buckets: dict = {}
     for param, state in zip(params, states):
         t = next(step_values) if "step" in state else None
-        if param.grad.is_sparse:  # rows of an embedding: the readable update handles them
-            optimizer._update(param, param.grad, state, {**settings, "step": t})
+        if param.grad.is_sparse:  # rows of an embedding: the readable update
+            sparse_settings = {**settings, "step": t}
+            optimizer._update(param, param.grad, state, sparse_settings)
             continue
-        if param.numel() >= SMALL and all(
-            x.is_contiguous() for x in (param, param.grad, *state.values())
-        ):
+        tensors = (param, param.grad, *state.values())
+        if param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
             key = id(param)  # updated where it lies, alone
         else:
             key = (param.device, param.dtype, t, tuple(state))
@@ -110,28 +111,34 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
     update = type(optimizer)._update
     with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
         for bucket, t in buckets.values():
-            bucket_settings = {**settings, "lr": _scalar(settings["lr"], bucket[0])}
-            if t is not None:
-                bucket_settings["step"] = int(t)  # an integer: a symbol, not a constant
+            lr = _scalar(settings["lr"], bucket[0])
+            bucket_settings = {**settings, "lr": lr}
+            if t is not None:  # an integer: a symbol, not a constant
+                bucket_settings["step"] = int(t)
+            states = [optimizer.state[p] for p in bucket]
             if len(bucket) == 1 and bucket[0].numel() >= SMALL:
-                _step_in_place(update, bucket[0], optimizer.state[bucket[0]], bucket_settings)
+                _step_in_place(update, bucket[0], states[0], bucket_settings)
             else:
-                _step_packed(update, bucket, [optimizer.state[p] for p in bucket], bucket_settings)
+                _step_packed(update, bucket, states, bucket_settings)
 
 
-def _step_in_place(update, param: Tensor, state: dict, settings: dict) -> None:
-    """One large tensor: flat views of it and of its state, so the kernel writes where they lie."""
+def _step_in_place(update, param: Tensor, state: dict, settings: dict):
+    """One large tensor: flat views of it and of its state, so that the
+    kernel writes where they lie."""
     flat_state = {k: v.view(-1) for k, v in state.items() if k != "step"}
-    _compiled_bucket(update, param.detach().view(-1), param.grad.view(-1), flat_state, settings)
-    for k in flat_state.keys() - state.keys():  # state made on this step (SGD's buffer)
+    flat_param, flat_grad = param.detach().view(-1), param.grad.view(-1)
+    _compiled_bucket(update, flat_param, flat_grad, flat_state, settings)
+    # state made on this step (SGD's buffer)
+    for k in flat_state.keys() - state.keys():
         state[k] = flat_state[k].view_as(param)
 
 
 class _Pack:
-    """Small tensors updated as one vector. Their parameters and gradients are copied into flat
-    buffers each step (one ``_foreach_copy_`` each), and their state lives in flat buffers
-    between steps: each state entry is a view into one. A state entry that is not such a view
-    (a new optimizer, or one that loaded a state_dict) is copied in and replaced by the view."""
+    """Small tensors updated as one vector. Their parameters and gradients
+    are copied into flat buffers each step (one ``_foreach_copy_`` each), and
+    their state lives in flat buffers between steps: each state entry is a
+    view into one. A state entry that is not such a view (a new optimizer, or
+    one that loaded a state_dict) is copied in and replaced by the view."""
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
@@ -144,12 +151,14 @@ class _Pack:
         flat = first.new_empty(sum(p.numel() for p in self.params))
         return flat, _unflatten_dense_tensors(flat, self.params)
 
-    def hold(self, states: list[dict], key: str, flat: Tensor | None = None) -> None:
-        """Make every ``state[key]`` a view into this pack: of ``flat`` when the update has just
-        made it, else of a new buffer that the present values are copied into."""
+    def hold(self, states: list[dict], key: str, flat: Tensor | None = None):
+        """Make every ``state[key]`` a view into this pack: of ``flat`` when
+        the update has just made it, else of a new buffer that the present
+        values are copied into."""
         views = self.state_views.get(key)
-        if flat is None and views is not None and all(s[key] is v for s, v in zip(states, views)):
-            return
+        if flat is None and views is not None:
+            if all(s[key] is v for s, v in zip(states, views)):
+                return
         if flat is None:
             flat, views = self._buffer()
             torch._foreach_copy_(views, [s[key] for s in states])
@@ -160,12 +169,14 @@ class _Pack:
             state[key] = view
 
 
-# The packs of small tensors, each kept with the first parameter it holds (and dropped with it).
+# The packs of small tensors, each kept with the first parameter it holds (and
+# dropped with it).
 _PACKS = WeakIdKeyDictionary()
 
 
-def _step_packed(update, params: list[Tensor], states: list[dict], settings: dict) -> None:
-    keys = tuple(k for k in states[0] if k != "step")  # the per-element state: moments, sums ...
+def _step_packed(update, params: list[Tensor], states: list[dict], settings):
+    # the per-element state: moments, sums ...
+    keys = tuple(k for k in states[0] if k != "step")
     identity = (keys, tuple(map(id, params)), tuple(p.shape for p in params))
     pack = _PACKS.get(params[0])
     if pack is None or pack[0] != identity:
@@ -178,5 +189,6 @@ def _step_packed(update, params: list[Tensor], states: list[dict], settings: dic
     flat_state = dict(pack.state)
     _compiled_bucket(update, pack.param, pack.grad, flat_state, settings)
     torch._foreach_copy_(params, pack.param_views)
-    for key in flat_state.keys() - pack.state.keys():  # state made on this step (SGD's buffer)
+    # state made on this step (SGD's buffer)
+    for key in flat_state.keys() - pack.state.keys():
         pack.hold(states, key, flat_state[key])

@@ -104,14 +104,17 @@ def _seconds(fn, device: str, repeats: int = 5, number: int = 10) -> float:
     return statistics.median(times)
 
 
-def measure_bandwidth(elements: int, device: str, dtype=torch.float32) -> float:
-    """Bytes per second that torch's in-place add, ``a.add_(b)``, moves on tensors of
-    ``elements`` numbers: it reads two tensors and writes one in place, the traffic of a plain
-    SGD step, with one addition per element. A step that moved its bytes at this rate and did
-    no slower arithmetic would sit at the floor."""
+def measure_bandwidth(elements: int, device: str, dtype=torch.float32):
+    """Bytes per second that torch's in-place add, ``a.add_(b)``, moves on
+    tensors of ``elements`` numbers: it reads two tensors and writes one in
+    place, the traffic of a plain SGD step, with one addition per element. A
+    step that moved its bytes at this rate and did no slower arithmetic would
+    sit at the floor."""
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(elements, generator=gen, dtype=dtype).to(device) for _ in range(2))
-    return 3 * a.element_size() * elements / _seconds(lambda: a.add_(b), device)
+    a, b = (torch.randn(elements, generator=gen, dtype=dtype).to(device)
+            for _ in range(2))
+    seconds = _seconds(lambda: a.add_(b), device)
+    return 3 * a.element_size() * elements / seconds
 
 
 def _peak_extra_bytes(step, device: str) -> int:
@@ -139,13 +142,16 @@ def _peak_extra_bytes(step, device: str) -> int:
 
 
 def bytes_per_parameter(optimizer: torch.optim.Optimizer) -> int:
-    """The least memory traffic of one step, per parameter, for an optimizer that has stepped:
-    read the parameter and its gradient, write the parameter, read and write each state tensor
-    of the parameter's shape (moments, sums, buffers; not the step counter)."""
+    """The least memory traffic of one step, per parameter, for an optimizer
+    that has stepped: read the parameter and its gradient, write the
+    parameter, read and write each state tensor of the parameter's shape
+    (moments, sums, buffers; not the step counter)."""
     param = optimizer.param_groups[0]["params"][0]
     state = optimizer.state.get(param, {})
     state_tensors = sum(
-        1 for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.shape == param.shape
+        1
+        for k, v in state.items()
+        if k != "step" and torch.is_tensor(v) and v.shape == param.shape
     )
     return (3 + 2 * state_tensors) * param.element_size()
 
