@@ -106,16 +106,17 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
             key = id(param)  # updated where it lies, alone
         else:
             key = (param.device, param.dtype, t, tuple(state))
-        buckets.setdefault(key, ([], t))[0].append(param)
+        bucket = buckets.setdefault(key, ([], [], t))
+        bucket[0].append(param)
+        bucket[1].append(state)
 
     update = type(optimizer)._update
     with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
-        for bucket, t in buckets.values():
+        for bucket, states, t in buckets.values():
             lr = _scalar(settings["lr"], bucket[0])
             bucket_settings = {**settings, "lr": lr}
             if t is not None:  # an integer: a symbol, not a constant
                 bucket_settings["step"] = int(t)
-            states = [optimizer.state[p] for p in bucket]
             if len(bucket) == 1 and bucket[0].numel() >= SMALL:
                 _step_in_place(update, bucket[0], states[0], bucket_settings)
             else:

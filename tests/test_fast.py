@@ -45,6 +45,17 @@ def _one_at_a_time(name):
     return variants
 
 
+def _loop_against_fast(name, kwargs, **options):
+    """The readable loop and the fast path of one optimizer, stepped side by side."""
+    cls = TWINS[name][0]
+    return run_side_by_side(
+        lambda ps: cls(ps, **copy.deepcopy(kwargs)),
+        lambda ps: cls(ps, **copy.deepcopy(kwargs), **_fast_flag(name)),
+        shapes=SHAPES,
+        **options,
+    )
+
+
 CASES = [
     pytest.param(name, kwargs, id=f"{name}-{i}")
     for name in NAMES
@@ -54,13 +65,7 @@ CASES = [
 
 @pytest.mark.parametrize("name, kwargs", CASES)
 def test_fast_path_matches_the_loop_in_float64(name, kwargs):
-    cls = TWINS[name][0]
-    result = run_side_by_side(
-        lambda ps: cls(ps, **copy.deepcopy(kwargs)),
-        lambda ps: cls(ps, **copy.deepcopy(kwargs), **_fast_flag(name)),
-        steps=50,
-        shapes=SHAPES,
-    )
+    result = _loop_against_fast(name, kwargs, steps=50)
     assert result.agrees(1e-12), result
 
 
@@ -68,28 +73,14 @@ def test_fast_path_matches_the_loop_in_float64(name, kwargs):
 def test_fast_path_matches_the_loop_in_float32(name):
     # The compiled kernel fuses multiply-adds and computes the step size once in float32: it
     # rounds differently from the loop, by a few float32 units over 50 steps.
-    cls = TWINS[name][0]
-    result = run_side_by_side(
-        lambda ps: cls(ps, **TYPICAL[name]),
-        lambda ps: cls(ps, **TYPICAL[name], **_fast_flag(name)),
-        steps=50,
-        shapes=SHAPES,
-        dtype=torch.float32,
-    )
+    result = _loop_against_fast(name, TYPICAL[name], steps=50, dtype=torch.float32)
     assert result.state_keys_match and result.state_types_match
     assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-4, result
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_complex_parameters(name):
-    cls = TWINS[name][0]
-    result = run_side_by_side(
-        lambda ps: cls(ps, **TYPICAL[name]),
-        lambda ps: cls(ps, **TYPICAL[name], **_fast_flag(name)),
-        steps=20,
-        shapes=SHAPES,
-        dtype=torch.complex128,
-    )
+    result = _loop_against_fast(name, TYPICAL[name], steps=20, dtype=torch.complex128)
     assert result.agrees(1e-12), result
 
 
@@ -173,14 +164,7 @@ def test_sparse_gradients_take_the_loop(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_on_cuda(name):
-    cls = TWINS[name][0]
-    result = run_side_by_side(
-        lambda ps: cls(ps, **TYPICAL[name]),
-        lambda ps: cls(ps, **TYPICAL[name], **_fast_flag(name)),
-        steps=20,
-        shapes=SHAPES,
-        device="cuda",
-    )
+    result = _loop_against_fast(name, TYPICAL[name], steps=20, device="cuda")
     assert result.device == "cuda" and result.agrees(1e-12), result
 
 
