@@ -13,6 +13,9 @@ kernels); optlib derives its fast path from the one update it has:
   bucket, seen as one flat vector (a view, no copy). Small tensors with the same dtype, device,
   state and step count are packed into one flat vector each step, updated by one kernel, and
   copied back: copying a small tensor costs less than the fixed cost of one more operation.
+  An update that is not element-wise (``Optimizer.elementwise`` is False: Adafactor's norms)
+  or keeps state of another shape than its tensor (ASGD's step size, Adafactor's row and column
+  statistics) is compiled for each tensor alone, in its own shape.
 
 The compiled function takes vectors of any length, the learning rate as a tensor and the step
 count as an integer it reads at run time, so new tensor sizes, a scheduler changing the learning
@@ -102,22 +105,32 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
             optimizer._update(param, param.grad, state, sparse_settings)
             continue
         tensors = (param, param.grad, *state.values())
-        if param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
-            key = id(param)  # updated where it lies, alone
+        alone = not optimizer.elementwise or any(
+            v.shape != param.shape for k, v in state.items() if k != "step"
+        )
+        if alone:  # a norm, a matrix product, or state of another shape
+            key = ("as it is", id(param))
+        elif param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
+            key = ("flat", id(param))  # updated where it lies, alone
         else:
-            key = (param.device, param.dtype, t, tuple(state))
+            key = ("packed", param.device, param.dtype, t, tuple(state))
         bucket = buckets.setdefault(key, ([], [], t))
         bucket[0].append(param)
         bucket[1].append(state)
 
     update = type(optimizer)._update
     with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
-        for bucket, states, t in buckets.values():
+        for key, (bucket, states, t) in buckets.items():
             lr = _scalar(settings["lr"], bucket[0])
             bucket_settings = {**settings, "lr": lr}
             if t is not None:  # an integer: a symbol, not a constant
                 bucket_settings["step"] = int(t)
-            if len(bucket) == 1 and bucket[0].numel() >= SMALL:
+            if key[0] == "as it is":
+                param = bucket[0]
+                _compiled_bucket(
+                    update, param.detach(), param.grad, states[0], bucket_settings
+                )
+            elif key[0] == "flat":
                 _step_in_place(update, bucket[0], states[0], bucket_settings)
             else:
                 _step_packed(update, bucket, states, bucket_settings)

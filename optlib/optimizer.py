@@ -104,6 +104,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # torch.optim.SGD and Adagrad accept sparse gradients; the other optimizers refuse them.
     accepts_sparse_gradients = False
+    # True when the update treats every number of a tensor alike, so that the fast path may
+    # update tensors as flat vectors, several packed into one. False for an update that reduces
+    # over a tensor (a norm, a matrix product): the fast path then compiles it tensor by tensor.
+    elementwise = True
     # Group settings that checkpoints from older torch versions may lack, with their defaults.
     checkpoint_defaults: dict = {}
 

@@ -9,6 +9,13 @@ import optlib
 
 TOL = 1e-12
 SHAPES = ((4, 3), (3,), (1,))
+# Optimizers that take only some shapes get their own (Muon: matrices only; a tall, a wide and a
+# square one, since it treats them differently).
+SHAPES_FOR = {"Muon": ((4, 3), (3, 5), (2, 2))}
+
+
+def shapes_of(name):
+    return SHAPES_FOR.get(name, SHAPES)
 
 
 def make_params(seed=0, shapes=SHAPES, dtype=torch.float64):
@@ -99,7 +106,7 @@ TWINS = {
 def typical_pairs(name):
     """(params, optimizer) for optlib's and for torch's class, both at the TYPICAL setting."""
     for cls in TWINS[name][:2]:
-        params = make_params()
+        params = make_params(shapes=shapes_of(name))
         yield params, cls(params, **TYPICAL[name])
 
 

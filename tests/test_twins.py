@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import optlib
-from optim_helpers import SHAPES, TOL, TWINS, TYPICAL, clone_params, make_params, max_diff, run
-from optim_helpers import typical_pairs
+from optim_helpers import TOL, TWINS, TYPICAL, clone_params, make_params, max_diff, run
+from optim_helpers import shapes_of, typical_pairs
 from optlib.bench.compare import fixed_gradients, run_side_by_side
 
 NAMES = list(TWINS)
@@ -46,6 +46,7 @@ def test_matches_torch_over_the_grid(name, kwargs):
         lambda ps: ours(ps, **copy.deepcopy(kwargs)),
         lambda ps: theirs(ps, **copy.deepcopy(kwargs)),
         steps=60,
+        shapes=shapes_of(name),
     )
     assert result.state_keys_match and result.state_types_match
     assert result.max_param_diff < TOL
@@ -64,6 +65,7 @@ def test_matches_every_torch_implementation(name, impl):
         lambda ps: ours(ps, **TYPICAL[name], **impl),
         lambda ps: theirs(ps, **TYPICAL[name], **impl),
         steps=60,
+        shapes=shapes_of(name),
     )
     assert result.agrees(1e-10)
 
@@ -74,7 +76,10 @@ def test_matches_torch_on_cuda(name):
     # On CUDA torch defaults to its foreach implementation, which rounds a little differently.
     ours, theirs, _ = TWINS[name]
     result = run_side_by_side(
-        lambda ps: ours(ps, **TYPICAL[name]), lambda ps: theirs(ps, **TYPICAL[name]), device="cuda"
+        lambda ps: ours(ps, **TYPICAL[name]),
+        lambda ps: theirs(ps, **TYPICAL[name]),
+        device="cuda",
+        shapes=shapes_of(name),
     )
     assert result.device == "cuda" and result.agrees(1e-10)
 
@@ -86,6 +91,7 @@ def test_complex_parameters_like_torch(name):
         lambda ps: ours(ps, **TYPICAL[name]),
         lambda ps: theirs(ps, **TYPICAL[name]),
         steps=60,
+        shapes=shapes_of(name),
         dtype=torch.complex128,
     )
     assert result.agrees(TOL)
@@ -102,7 +108,9 @@ def test_float32_tensor_hyperparameters_are_used_by_value(name):
     if "betas" in kwargs:
         kwargs["betas"] = tuple(torch.tensor(b) for b in kwargs["betas"])
     result = run_side_by_side(
-        lambda ps: ours(ps, **copy.deepcopy(kwargs)), lambda ps: theirs(ps, **copy.deepcopy(kwargs))
+        lambda ps: ours(ps, **copy.deepcopy(kwargs)),
+        lambda ps: theirs(ps, **copy.deepcopy(kwargs)),
+        shapes=shapes_of(name),
     )
     assert result.agrees(1e-5)
 
@@ -116,7 +124,7 @@ def test_same_signature_defaults_and_group_keys(name):
         return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
     assert described(ours) == described(theirs)
-    a, b = ours(make_params()), theirs(make_params())
+    a, b = ours(make_params(shapes=shapes_of(name))), theirs(make_params(shapes=shapes_of(name)))
     assert a.defaults == b.defaults
     assert a.param_groups[0].keys() == b.param_groups[0].keys()
 
@@ -130,9 +138,9 @@ def test_same_state_keys_dtypes_and_devices(name, default_dtype):
     try:
         described = []
         for cls in (ours, theirs):
-            params = make_params(dtype=torch.float32)
+            params = make_params(shapes=shapes_of(name), dtype=torch.float32)
             opt = cls(params, **TYPICAL[name])
-            run(opt, params, fixed_gradients(SHAPES, 2, dtype=torch.float32))
+            run(opt, params, fixed_gradients(shapes_of(name), 2, dtype=torch.float32))
             described.append(
                 [(k, v.dtype, v.device, v.shape) for p in params for k, v in sorted(opt.state[p].items())]
             )
@@ -197,7 +205,7 @@ INVALID = [
 @pytest.mark.parametrize("name, kwargs, text", INVALID)
 def test_invalid_arguments_raise_like_torch(name, kwargs, text):
     ours, theirs, _ = TWINS[name]
-    kwargs = dict(params=make_params()) | kwargs
+    kwargs = dict(params=make_params(shapes=shapes_of(name))) | kwargs
     with pytest.raises(Exception) as torch_error:
         theirs(**kwargs)
     with pytest.raises(torch_error.type) as our_error:
@@ -212,9 +220,9 @@ def test_differentiable_and_capturable_are_not_supported(name, flag):
     ours, theirs, _ = TWINS[name]
     if flag not in inspect.signature(theirs).parameters:
         pytest.skip(f"torch.optim.{name} has no {flag} argument")
-    theirs(make_params(), **{flag: True})  # valid in torch ...
+    theirs(make_params(shapes=shapes_of(name)), **{flag: True})  # valid in torch ...
     with pytest.raises(NotImplementedError, match=flag):
-        ours(make_params(), **{flag: True})  # ... not provided here
+        ours(make_params(shapes=shapes_of(name)), **{flag: True})  # ... not provided here
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -243,11 +251,11 @@ def test_sparse_gradients_like_torch(name):
 # ---------------------------------------------------------------- checkpoints and torch's machinery
 
 
-def _checkpoint_continues(make_first, make_second, kwargs):
+def _checkpoint_continues(make_first, make_second, kwargs, shapes):
     """30 steps with make_first, its state_dict into make_second, 30 more steps on both: the two
     must agree bit for bit, parameters and state."""
-    grads = fixed_gradients(SHAPES, 60)
-    params = make_params()
+    grads = fixed_gradients(shapes, 60)
+    params = make_params(shapes=shapes)
     first = make_first(params, **kwargs)
     run(first, params, grads[:30])
 
@@ -268,16 +276,16 @@ def _checkpoint_continues(make_first, make_second, kwargs):
 def test_state_dict_resumes_bit_for_bit(name, direction):
     ours, theirs, _ = TWINS[name]
     first, second = {"optlib->optlib": (ours, ours), "torch->optlib": (theirs, ours), "optlib->torch": (ours, theirs)}[direction]
-    _checkpoint_continues(first, second, TYPICAL[name])
+    _checkpoint_continues(first, second, TYPICAL[name], shapes_of(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_from_an_older_torch_loads(name):
     # Older torch versions stored the step as a number and lacked some group settings.
     ours, theirs, _ = TWINS[name]
-    params = make_params()
+    params = make_params(shapes=shapes_of(name))
     opt = theirs(params, **TYPICAL[name])
-    run(opt, params, fixed_gradients(SHAPES, 3))
+    run(opt, params, fixed_gradients(shapes_of(name), 3))
     old = copy.deepcopy(opt.state_dict())
     for state in old["state"].values():
         if "step" in state:
@@ -302,7 +310,7 @@ def test_lr_scheduler_like_torch(name):
     results = []
     for params, opt in typical_pairs(name):
         scheduler = optlib.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-        for step in fixed_gradients(SHAPES, 60):
+        for step in fixed_gradients(shapes_of(name), 60):
             run(opt, params, [step])
             scheduler.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(TYPICAL[name]["lr"] * 0.5**6)
@@ -320,7 +328,7 @@ def test_param_groups_with_different_hyperparameters(name):
     def groups(cls):
         return lambda ps: cls([dict(params=ps[:1], **first), dict(params=ps[1:], **last)])
 
-    result = run_side_by_side(groups(ours), groups(theirs), steps=60)
+    result = run_side_by_side(groups(ours), groups(theirs), steps=60, shapes=shapes_of(name))
     assert result.agrees(TOL)
 
 
@@ -340,7 +348,7 @@ def test_a_parameter_whose_gradient_appears_later(name):
     # e.g. a layer unfrozen mid-training: it is skipped until then, then starts its own state.
     results = []
     for params, opt in typical_pairs(name):
-        for t, step in enumerate(fixed_gradients(SHAPES, 6)):
+        for t, step in enumerate(fixed_gradients(shapes_of(name), 6)):
             for p, g in zip(params, step):
                 p.grad = g.clone() if t >= 3 or p is params[0] else None
             opt.step()
@@ -351,7 +359,7 @@ def test_a_parameter_whose_gradient_appears_later(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_step_returns_the_closure_loss_and_hooks_run(name):
     ours = TWINS[name][0]
-    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)  # a matrix, for Muon
     opt = ours([x], **TYPICAL[name])
     calls = []
     opt.register_step_pre_hook(lambda *args: calls.append("pre"))
@@ -365,13 +373,13 @@ def test_step_returns_the_closure_loss_and_hooks_run(name):
 
     assert opt.step(closure).item() == 5.0
     assert calls == ["pre", "post"]
-    assert not torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert not torch.equal(x.detach(), torch.tensor([[1.0, 2.0]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_grad_is_not_modified(name):
     kwargs = dict(TYPICAL[name], maximize=True)
-    params = make_params()
+    params = make_params(shapes=shapes_of(name))
     grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
