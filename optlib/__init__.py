@@ -8,11 +8,39 @@ imported here.
 
 from torch.optim import lr_scheduler
 
+from optlib.adadelta import Adadelta
+from optlib.adafactor import Adafactor
 from optlib.adagrad import Adagrad
 from optlib.adam import Adam
+from optlib.adamax import Adamax
 from optlib.adamw import AdamW
+from optlib.asgd import ASGD
+from optlib.lbfgs import LBFGS
+from optlib.muon import Muon
+from optlib.nadam import NAdam
 from optlib.optimizer import Optimizer
+from optlib.radam import RAdam
 from optlib.rmsprop import RMSprop
+from optlib.rprop import Rprop
 from optlib.sgd import SGD
+from optlib.sparse_adam import SparseAdam
 
-__all__ = ["Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop", "SGD", "lr_scheduler"]
+__all__ = [
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "Adamax",
+    "AdamW",
+    "ASGD",
+    "LBFGS",
+    "Muon",
+    "NAdam",
+    "Optimizer",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+    "SparseAdam",
+    "lr_scheduler",
+]

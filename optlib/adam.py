@@ -4,7 +4,7 @@ torch.optim.Adam."""
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
+from optlib.optimizer import Optimizer, check_betas, check_non_negative, check_tensor_lr
 from optlib.optimizer import hyperparameters, real, settings_for, step_counter
 from optlib.rmsprop import average_of_squares_
 
@@ -13,9 +13,7 @@ __all__ = ["Adam", "adam_update"]
 
 def _checked_betas(betas: tuple) -> tuple:
     """torch's checks of betas, in torch's order; a tensor beta is kept as a 0-dim tensor."""
-    for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    check_betas(betas)
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):

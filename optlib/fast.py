@@ -13,9 +13,8 @@ kernels); optlib derives its fast path from the one update it has:
   bucket, seen as one flat vector (a view, no copy). Small tensors with the same dtype, device,
   state and step count are packed into one flat vector each step, updated by one kernel, and
   copied back: copying a small tensor costs less than the fixed cost of one more operation.
-  An update that is not element-wise (``Optimizer.elementwise`` is False: Adafactor's norms)
-  or keeps state of another shape than its tensor (ASGD's step size, Adafactor's row and column
-  statistics) is compiled for each tensor alone, in its own shape.
+  An update that is not element-wise (``Optimizer.elementwise`` is False: Adafactor's norms,
+  NAdam's and ASGD's 0-dim state) is compiled for each tensor alone, in its own shape.
 
 The compiled function takes vectors of any length, the learning rate as a tensor and the step
 count as an integer it reads at run time, so new tensor sizes, a scheduler changing the learning
@@ -75,6 +74,9 @@ _COMPILE_OPTIONS = dict(
     # One version per optimizer class, dtype and set of options; past torch's default of 8,
     # a new variant would run the readable loop, uncompiled.
     recompile_limit=64,
+    # A number read from a 0-dim state tensor (NAdam's product of momenta, ASGD's step size)
+    # stays in the compiled graph instead of breaking it.
+    capture_scalar_outputs=True,
 )
 
 
@@ -105,10 +107,7 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
             optimizer._update(param, param.grad, state, sparse_settings)
             continue
         tensors = (param, param.grad, *state.values())
-        alone = not optimizer.elementwise or any(
-            v.shape != param.shape for k, v in state.items() if k != "step"
-        )
-        if alone:  # a norm, a matrix product, or state of another shape
+        if not optimizer.elementwise:  # a norm, a matrix product, a 0-dim state
             key = ("as it is", id(param))
         elif param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
             key = ("flat", id(param))  # updated where it lies, alone
@@ -126,14 +125,24 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
             if t is not None:  # an integer: a symbol, not a constant
                 bucket_settings["step"] = int(t)
             if key[0] == "as it is":
-                param = bucket[0]
-                _compiled_bucket(
-                    update, param.detach(), param.grad, states[0], bucket_settings
-                )
+                _step_as_it_is(update, bucket[0], states[0], bucket_settings)
             elif key[0] == "flat":
                 _step_in_place(update, bucket[0], states[0], bucket_settings)
             else:
                 _step_packed(update, bucket, states, bucket_settings)
+
+
+def _at_least_1d(tensor: Tensor) -> Tensor:
+    # torch 2.13 silently drops in-place writes to 0-dim tensors in compiled code
+    # (dynamic=True); a 1-element view of one is written.
+    return tensor.view(1) if tensor.dim() == 0 else tensor
+
+
+def _step_as_it_is(update, param: Tensor, state: dict, settings: dict):
+    """One tensor in its own shape, with its state as it is."""
+    views = {k: _at_least_1d(v) for k, v in state.items() if k != "step"}
+    grad = _at_least_1d(param.grad)
+    _compiled_bucket(update, _at_least_1d(param.detach()), grad, views, settings)
 
 
 def _step_in_place(update, param: Tensor, state: dict, settings: dict):

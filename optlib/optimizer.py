@@ -22,6 +22,7 @@ from optlib.fast import compiled_update
 
 __all__ = [
     "Optimizer",
+    "check_betas",
     "check_non_negative",
     "check_tensor_lr",
     "hyperparameters",
@@ -39,6 +40,13 @@ def check_non_negative(**hyperparameters: float | Tensor) -> None:
     for name, value in hyperparameters.items():
         if not 0.0 <= value:
             raise ValueError(f"Invalid {_LABELS.get(name, f'{name} value')}: {value}")
+
+
+def check_betas(betas: tuple) -> None:
+    """torch's check of Adam-style decay rates: each in [0, 1), or ValueError naming its index."""
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
 
 
 def check_tensor_lr(lr: float | Tensor) -> None:
@@ -104,9 +112,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # torch.optim.SGD and Adagrad accept sparse gradients; the other optimizers refuse them.
     accepts_sparse_gradients = False
-    # True when the update treats every number of a tensor alike, so that the fast path may
-    # update tensors as flat vectors, several packed into one. False for an update that reduces
-    # over a tensor (a norm, a matrix product): the fast path then compiles it tensor by tensor.
+    # True when the update treats every number of a tensor alike and keeps one state number per
+    # number of the tensor, so that the fast path may update tensors as flat vectors, several
+    # packed into one. False for an update that reduces over a tensor (a norm, a matrix
+    # product) or keeps other state (a 0-dim tensor): the fast path then compiles it per tensor.
     elementwise = True
     # Group settings that checkpoints from older torch versions may lack, with their defaults.
     checkpoint_defaults: dict = {}
@@ -128,9 +137,17 @@ class Optimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.checkpoint_defaults.items():
                 group.setdefault(key, value)
-        for param_state in self.state.values():  # old checkpoints stored the step as a number
-            if "step" in param_state and not torch.is_tensor(param_state["step"]):
-                param_state["step"] = step_counter() + float(param_state["step"])
+        # Old checkpoints stored numbers where torch now keeps 0-dim tensors (the step count,
+        # NAdam's mu_product, ASGD's eta and mu): make those tensors as a fresh state would.
+        for group in self.param_groups:
+            for param in group["params"]:
+                param_state = self.state.get(param, {})
+                numbers = [k for k, v in param_state.items() if isinstance(v, (int, float))]
+                if numbers:
+                    fresh = self._init_state(param, group)
+                    for key in numbers:
+                        if torch.is_tensor(fresh.get(key)):
+                            param_state[key] = fresh[key].fill_(param_state[key])
 
     def _init_state(self, param: Tensor, group: dict) -> dict:
         return {}

@@ -101,6 +101,83 @@ TWINS = {
             amsgrad=[False, True], maximize=[False, True],
         ),
     ),
+    "Adadelta": (
+        optlib.Adadelta,
+        torch.optim.Adadelta,
+        grid(
+            lr=lr_options(1.0), rho=[0.9, 0.5], eps=[1e-6, 1e-2], weight_decay=[0.0, 1e-2],
+            maximize=[False, True],
+        ),
+    ),
+    "Adamax": (
+        optlib.Adamax,
+        torch.optim.Adamax,
+        grid(
+            lr=lr_options(0.01), betas=[(0.9, 0.999), (0.5, 0.9)], eps=[1e-8, 1e-3],
+            weight_decay=[0.0, 1e-2], maximize=[False, True],
+        ),
+    ),
+    "NAdam": (
+        optlib.NAdam,
+        torch.optim.NAdam,
+        grid(
+            lr=lr_options(0.01), betas=[(0.9, 0.999), (0.5, 0.9)], eps=[1e-8, 1e-3],
+            weight_decay=[0.0, 0.1], momentum_decay=[4e-3, 0.1], decoupled_weight_decay=[False, True],
+            maximize=[False, True],
+        ),
+    ),
+    "RAdam": (
+        optlib.RAdam,
+        torch.optim.RAdam,
+        # beta2 = 0.999 and 0.9: the first steps unrectified, then rectified
+        grid(
+            lr=lr_options(0.01), betas=[(0.9, 0.999), (0.5, 0.9)], eps=[1e-8, 1e-3],
+            weight_decay=[0.0, 0.1], decoupled_weight_decay=[False, True], maximize=[False, True],
+        ),
+    ),
+    "Rprop": (
+        optlib.Rprop,
+        torch.optim.Rprop,
+        grid(
+            lr=lr_options(0.01), etas=[(0.5, 1.2), (0.3, 1.5)], step_sizes=[(1e-6, 50), (1e-3, 0.05)],
+            maximize=[False, True],
+        ),
+    ),
+    "ASGD": (
+        optlib.ASGD,
+        torch.optim.ASGD,
+        # t0 = 10: the average starts within the 60 steps of a test
+        grid(
+            lr=lr_options(0.01), lambd=[1e-4, 0.1], alpha=[0.75, 0.5], t0=[1e6, 10.0],
+            weight_decay=[0.0, 1e-2], maximize=[False, True],
+        ),
+    ),
+    "Muon": (
+        optlib.Muon,
+        torch.optim.Muon,
+        # every adjust_lr_fn against the momentum options; then the Newton-Schulz options (the
+        # classic quintic, an eps larger than the norm, 1 and 10 steps), 36 settings. The last
+        # differs from the first in every option (test_param_groups_with_different_...).
+        grid(
+            lr=lr_options(0.02), weight_decay=[0.0, 0.1], momentum=[0.5],
+            nesterov=[True, False], adjust_lr_fn=[None, "original", "match_rms_adamw"],
+        )
+        + grid(
+            lr=[0.05], weight_decay=[0.01], momentum=[0.8], nesterov=[False],
+            ns_coefficients=[(3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375)], eps=[1e-7, 1.0],
+            ns_steps=[5, 1, 10], adjust_lr_fn=["match_rms_adamw"],
+        ),
+    ),
+    "Adafactor": (
+        optlib.Adafactor,
+        torch.optim.Adafactor,
+        # lr 0.4 and 0.2: γ_t = min(γ, 1/√t) switches to 1/√t within the 60 steps; eps1 = 1e-3
+        # bounds the tiny gradients' v̂, eps2 = 2 exceeds RMS(θ); d = 1 and 1.5 both clip
+        grid(
+            lr=lr_options(0.4), beta2_decay=[-0.8, -0.5], eps=[(None, 1e-3), (1e-3, 2.0)],
+            d=[1.0, 1.5], weight_decay=[0.0, 0.1], maximize=[False, True],
+        ),
+    ),
 }
 
 def typical_pairs(name):
@@ -117,4 +194,12 @@ TYPICAL = {
     "RMSprop": dict(lr=0.01, momentum=0.9, centered=True, weight_decay=1e-2),
     "Adam": dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
     "AdamW": dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+    "Adadelta": dict(lr=1.0, rho=0.8, weight_decay=1e-2),
+    "Adamax": dict(lr=0.01, betas=(0.8, 0.99), weight_decay=1e-2),
+    "NAdam": dict(lr=0.01, betas=(0.8, 0.99), weight_decay=0.1, momentum_decay=0.01),
+    "RAdam": dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1),
+    "Rprop": dict(lr=0.01, etas=(0.4, 1.3), step_sizes=(1e-4, 1.0)),
+    "ASGD": dict(lr=0.01, lambd=0.01, alpha=0.6, t0=5.0, weight_decay=1e-2),
+    "Muon": dict(lr=0.02, momentum=0.9, weight_decay=0.1, ns_steps=4, adjust_lr_fn="match_rms_adamw"),
+    "Adafactor": dict(lr=0.2, beta2_decay=-0.7, eps=(1e-6, 1e-2), d=1.2, weight_decay=0.1),
 }
