@@ -43,10 +43,11 @@ def check_non_negative(**hyperparameters: float | Tensor) -> None:
 
 
 def check_betas(betas: tuple) -> None:
-    """torch's check of Adam-style decay rates: each in [0, 1), or ValueError naming its index."""
-    for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    """torch's check of Adam-style decay rates: each of the two in [0, 1), or ValueError naming
+    its index (and IndexError, as in torch, if there are fewer than two)."""
+    for index in (0, 1):
+        if not 0.0 <= betas[index] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
 
 
 def check_tensor_lr(lr: float | Tensor) -> None:
