@@ -52,3 +52,20 @@ def test_a_small_run_times_every_implementation():
     assert fused.peak_extra_bytes < 4096  # a fused kernel allocates no temporaries
     lines = speed.table(timings).splitlines()
     assert len(lines) == len(timings) + 1 and "ms/step" in lines[0]
+
+
+def test_every_optimizer_of_torch_optim_is_benchmarked():
+    assert set(speed.OPTIMIZERS) == {n for n in torch.optim.__all__ if n[0].isupper()} - {"Optimizer"}
+
+
+def test_the_optimizers_with_special_parameters_are_timed():
+    # Muon on the matrices of a case, SparseAdam on sparse rows, L-BFGS with a closure; none has
+    # a foreach or fused variant in torch, so none has optlib's fast path either.
+    names = ["Muon", "SparseAdam", "LBFGS", "Adadelta"]
+    timings, _ = speed.run(names, cases=["many small"], scale=64, devices=["cpu"], progress=False)
+    labels = {(t.optimizer, t.implementation) for t in timings}
+    assert labels == {(n, i) for n in names[:3] for i in ("torch", "optlib")} | {
+        ("Adadelta", i) for i in ("torch", "torch foreach", "optlib", "optlib fast")
+    }
+    muon = next(t for t in timings if t.optimizer == "Muon")
+    assert muon.tensors == len(speed.CASES["many small"](64)) // 2  # the matrices only

@@ -19,6 +19,8 @@ The table goes to the terminal, and all numbers to a JSON file with ``--json``.
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import platform
@@ -46,14 +48,29 @@ __all__ = [
     "warm_up",
 ]
 
-# name: (settings used for every implementation, the flag that selects optlib's fast path)
+# name: (settings used for every implementation, the flag that selects optlib's fast path; None
+# where torch has neither foreach nor fused, and optlib, whose signatures are torch's, no flag)
 OPTIMIZERS = {
     "SGD": (dict(lr=0.01, momentum=0.9), "fused"),
     "Adagrad": (dict(lr=0.01), "fused"),
     "RMSprop": (dict(lr=0.01), "foreach"),  # torch.optim.RMSprop has no fused argument
     "Adam": (dict(lr=1e-3), "fused"),
     "AdamW": (dict(lr=1e-3, weight_decay=0.01), "fused"),
+    "Adadelta": (dict(lr=1.0), "foreach"),
+    "Adamax": (dict(lr=2e-3), "foreach"),
+    "NAdam": (dict(lr=2e-3), "foreach"),
+    "RAdam": (dict(lr=1e-3), "foreach"),
+    "Rprop": (dict(lr=0.01), "foreach"),
+    "ASGD": (dict(lr=0.01), "foreach"),
+    "Adafactor": (dict(lr=0.01), "foreach"),
+    "Muon": (dict(lr=0.02), None),
+    "SparseAdam": (dict(lr=1e-3), None),
+    "LBFGS": (dict(lr=1.0, max_iter=1, history_size=10), None),
 }
+# The optimizers that need other parameters or gradients than the rest: Muon takes matrices
+# only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
+# each tensor), and L-BFGS a closure (the gradient of a quadratic, computed without autograd).
+SPECIAL_PARAMETERS = {"Muon": "matrices", "SparseAdam": "sparse rows", "LBFGS": "closure"}
 
 # Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
 # of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
@@ -156,39 +173,55 @@ def bytes_per_parameter(optimizer: torch.optim.Optimizer) -> int:
     return (3 + 2 * state_tensors) * param.element_size()
 
 
-def _implementations(name: str, fast_flag: str) -> dict:
+def _implementations(name: str, fast_flag: str | None) -> dict:
     torch_cls, optlib_cls = getattr(torch.optim, name), getattr(optlib, name)
-    implementations = {
-        "torch": (torch_cls, dict(foreach=False)),
-        "torch foreach": (torch_cls, dict(foreach=True)),
-        "optlib": (optlib_cls, {}),
-        "optlib fast": (optlib_cls, {fast_flag: True}),
-    }
-    if name != "RMSprop":
+    flags = inspect.signature(torch_cls).parameters
+    implementations = {"torch": (torch_cls, dict(foreach=False) if "foreach" in flags else {})}
+    if "foreach" in flags:
+        implementations["torch foreach"] = (torch_cls, dict(foreach=True))
+    if "fused" in flags:
         implementations["torch fused"] = (torch_cls, dict(fused=True))
+    implementations["optlib"] = (optlib_cls, {})
+    if fast_flag is not None:
+        implementations["optlib fast"] = (optlib_cls, {fast_flag: True})
     return implementations
 
 
-def _parameters(shapes, device: str):
+def _parameters(shapes, device: str, kind: str = "dense"):
+    """Parameters of the given shapes with gradients; see SPECIAL_PARAMETERS for the kinds."""
+    if kind == "matrices":
+        shapes = [s for s in shapes if len(s) == 2]
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(device)
+        if kind == "sparse rows":  # the rows a batch of an embedding would touch
+            p.grad[torch.arange(len(p)) % 8 != 0] = 0
+            p.grad = p.grad.to_sparse(1)
     return params
 
 
-def _time_one(cls, flags, settings, shapes, device, bandwidth) -> dict | None:
-    params = _parameters(shapes, device)
+def _time_one(name, cls, flags, settings, shapes, device, bandwidth) -> dict | None:
+    kind = SPECIAL_PARAMETERS.get(name, "dense")
+    params = _parameters(shapes, device, kind)
     try:
         opt = cls(params, **settings, **flags)
+        step = opt.step
+        if kind == "closure":  # L-BFGS evaluates the objective itself: ½ Σ θ²
+            def closure():
+                for p in params:
+                    p.grad = p.detach().clone()
+                return sum(0.5 * p.detach().pow(2).sum() for p in params)
+
+            step = functools.partial(opt.step, closure)
         start = time.perf_counter()
-        opt.step()
-        opt.step()
+        step()
+        step()
         _sync(device)
         first_two = time.perf_counter() - start
     except RuntimeError:  # an implementation torch lacks on this device (fused Adagrad on CUDA)
         return None
-    seconds = _seconds(opt.step, device)
+    seconds = _seconds(step, device)
     count = sum(p.numel() for p in params)
     traffic = bytes_per_parameter(opt)
     return dict(
@@ -197,7 +230,7 @@ def _time_one(cls, flags, settings, shapes, device, bandwidth) -> dict | None:
         tensors=len(params),
         bytes_per_parameter=traffic,
         bandwidth_floor_seconds=traffic * count / bandwidth,
-        peak_extra_bytes=_peak_extra_bytes(opt.step, device),
+        peak_extra_bytes=_peak_extra_bytes(step, device),
         compile_seconds=max(first_two - 2 * seconds, 0.0),
     )
 
@@ -236,7 +269,7 @@ def run(
     timings = []
     for name, case, device, label, cls, flags in tqdm(jobs, disable=not progress, desc="steps"):
         measured = _time_one(
-            cls, flags, OPTIMIZERS[name][0], CASES[case](scale), device, bandwidth[device]
+            name, cls, flags, OPTIMIZERS[name][0], CASES[case](scale), device, bandwidth[device]
         )
         if measured is not None:
             if not label.endswith("fast"):
@@ -249,7 +282,7 @@ def table(timings: list[Timing]) -> str:
     """The timings as a text table, one row per optimizer, case, device and implementation,
     with each time relative to torch's default and to its fastest variant."""
     rows = [
-        f"{'optimizer':9} {'case':10} {'device':6} {'implementation':14} {'ms/step':>8} "
+        f"{'optimizer':10} {'case':10} {'device':6} {'implementation':14} {'ms/step':>8} "
         f"{'vs torch':>8} {'vs best':>7} {'floor':>5} {'B/param':>7} {'extra MB':>8} {'compile s':>9}"
     ]
     for t in timings:
@@ -258,7 +291,7 @@ def table(timings: list[Timing]) -> str:
         torch_best = min(u.seconds_per_step for u in same if u.implementation.startswith("torch"))
         compile_s = "" if t.compile_seconds is None else f"{t.compile_seconds:.1f}"
         rows.append(
-            f"{t.optimizer:9} {t.case:10} {t.device:6} {t.implementation:14} "
+            f"{t.optimizer:10} {t.case:10} {t.device:6} {t.implementation:14} "
             f"{1e3 * t.seconds_per_step:8.2f} {t.seconds_per_step / torch_default:8.2f} "
             f"{t.seconds_per_step / torch_best:7.2f} {t.fraction_of_floor:5.2f} "
             f"{t.bytes_per_parameter:7d} {t.peak_extra_bytes / 2**20:8.1f} {compile_s:>9}"
