@@ -133,8 +133,8 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
 
 
 def _at_least_1d(tensor: Tensor) -> Tensor:
-    # torch 2.13 silently drops in-place writes to 0-dim tensors in compiled code
-    # (dynamic=True); a 1-element view of one is written.
+    # torch 2.13 silently drops in-place writes to 0-dim (float64) tensors in
+    # compiled code; a 1-element view of one is written.
     return tensor.view(1) if tensor.dim() == 0 else tensor
 
 

@@ -101,8 +101,8 @@ def test_matches_torch_on_cuda(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_complex_parameters_like_torch(name):
     ours, theirs, _ = TWINS[name]
-    if name == "Muon":
-        pytest.skip("torch.optim.Muon refuses complex parameters (tests/test_muon.py)")
+    if name in ("Muon", "Adafactor"):
+        pytest.skip(f"torch.optim.{name} refuses complex parameters (tests/test_{name.lower()}.py)")
     result = run_side_by_side(
         lambda ps: ours(ps, **TYPICAL[name]),
         lambda ps: theirs(ps, **TYPICAL[name]),
