@@ -87,12 +87,12 @@ class Rprop(Optimizer):
         capturable, differentiable (bool, optional): only ``False`` is supported.
 
     .. note::
-        This is Riedmiller and Braun's original Rprop without weight backtracking (called
-        Rprop- by Igel and Hüsken, 2000): after a sign change the weight does not move and the
-        gradient is forgotten, so that the next step counts as "no change". The paper's
-        defaults are the same (:math:`\eta_{-} = 0.5`, :math:`\eta_{+} = 1.2`,
-        :math:`\Gamma_{max} = 50`); its :math:`\eta_0 = 0.1`, PyTorch's ``lr`` 0.01. Rprop
-        is meant for full-batch gradients.
+        After a sign change the weight does not move and the gradient is forgotten, so that
+        the next step counts as "no change": Rprop without weight backtracking, which Igel and
+        Hüsken (2000) call iRprop-. Riedmiller and Braun's original takes the previous step back
+        instead (weight backtracking). The paper's defaults are the same
+        (:math:`\eta_{-} = 0.5`, :math:`\eta_{+} = 1.2`, :math:`\Gamma_{max} = 50`); its
+        :math:`\eta_0 = 0.1`, PyTorch's ``lr`` 0.01. Rprop is meant for full-batch gradients.
     """
 
     checkpoint_defaults = dict(
