@@ -117,12 +117,13 @@ class RAdam(Optimizer):
         capturable, differentiable (bool, optional): only ``False`` is supported.
 
     .. note::
-        As in the paper's Algorithm 2, :math:`\epsilon` is added to the uncorrected
-        :math:`\sqrt{v_t}` and :math:`\sqrt{1 - \beta_2^t}` multiplies the quotient (Adam in
-        PyTorch adds it to the corrected root). PyTorch rectifies when :math:`\rho_t > 5`; the
-        paper's Algorithm 2 writes :math:`\rho_t > 4`, where :math:`r_t` is defined, and the
-        authors' code :math:`\rho_t \geq 5`, "more conservative since it's an approximated
-        value". With :math:`\beta_2` from 0.9 to 0.999 the first 5 steps are momentum-SGD steps.
+        The paper's Algorithm 2 has no :math:`\epsilon`: :math:`l_t = \sqrt{(1 - \beta_2^t)
+        / v_t}`. PyTorch, like the authors' code, adds :math:`\epsilon` to the uncorrected
+        :math:`\sqrt{v_t}` (PyTorch's Adam adds it to the corrected root). PyTorch rectifies
+        when :math:`\rho_t > 5`; the paper's Algorithm 2 writes :math:`\rho_t > 4`, where
+        :math:`r_t` is defined, and the authors' code :math:`\rho_t \geq 5`, "more
+        conservative since it's an approximated value". With :math:`\beta_2` from 0.9 to 0.999
+        the first 5 steps are momentum-SGD steps.
     """
 
     checkpoint_defaults = dict(

@@ -245,7 +245,7 @@ def test_adadelta_approaches_the_minimum_of_a_quadratic_but_does_not_settle():
 
 @pytest.mark.parametrize(
     "name, kwargs",
-    # RAdam's first five steps are SGD steps of size γ g_t, and |g| = 155 at the start: it needs
+    # RAdam's first five steps are SGD steps of size γ g_t, and |g| = 163 at the start: it needs
     # a learning rate that is safe for SGD (0.02 diverges).
     [("Adamax", dict(lr=0.02)), ("NAdam", dict(lr=0.02)), ("RAdam", dict(lr=0.002)), ("Rprop", dict(lr=0.01))],
     ids=str,
