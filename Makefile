@@ -19,13 +19,16 @@ $(READY): requirements.txt pyproject.toml
 book: $(READY)
 	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
 
+# Two pytest workers of one thread each keep both cores busy (compiling, small tensors) without
+# the two fighting over threads.
+XDIST  := -n 2 --dist loadscope
 unit: $(READY)
-	$(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(XDIST) tests
 
 # The stored outputs were made on the CPU; a GPU sums in another order and can change a last digit,
 # so nbval hides any GPU (the CUDA path is covered by the unit tests and by readers' runs).
 notebooks: $(READY)
-	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest $(NBVAL) chapters
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
 
 # The page check needs Debian's Chromium (.ci/run installs it); without it `make test` says so and
 # skips only that step.
