@@ -236,6 +236,12 @@ def test_converges_on_an_ill_conditioned_quadratic(name, kwargs):
     assert path[-1].norm() < 1e-2
 
 
+def test_radam_first_steps_diverge_on_rosenbrock_with_a_rate_fit_for_adam():
+    # ρ_t ≤ 5 for t ≤ 5: five SGD steps of size γ g_t, from |g| = 163 (the RAdam chapter shows it)
+    path = trajectory(rosenbrock, lambda ps: optlib.RAdam(ps, lr=0.02), 5)
+    assert path[-1].abs().max() > 1e20
+
+
 def test_adadelta_approaches_the_minimum_of_a_quadratic_but_does_not_settle():
     # Its step RMS[Δθ]_{t-1} / RMS[g]_t follows its own past steps instead of shrinking: across
     # the steep direction of this quadratic it keeps oscillating, a few hundredths wide.
