@@ -107,9 +107,10 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
             optimizer._update(param, param.grad, state, sparse_settings)
             continue
         tensors = (param, param.grad, *state.values())
-        if not optimizer.elementwise:  # a norm, a matrix product, a 0-dim state
+        contiguous = all(x.is_contiguous() for x in tensors)
+        if not optimizer.elementwise:  # norms, matrix products, 0-dim state
             key = ("as it is", id(param))
-        elif param.numel() >= SMALL and all(x.is_contiguous() for x in tensors):
+        elif param.numel() >= SMALL and contiguous:
             key = ("flat", id(param))  # updated where it lies, alone
         else:
             key = ("packed", param.device, param.dtype, t, tuple(state))
