@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr
-from optlib.optimizer import hyperparameters, real, settings_for, step_counter
+from optlib.optimizer import hyperparameters, real, step_counter
 
 __all__ = ["Rprop", "rprop_update"]
 
