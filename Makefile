@@ -6,7 +6,7 @@ READY  := $(VENV)/.ready
 # nbval's options: the notebooks run in this venv's kernel, with machine-specific text sanitized.
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: book test unit notebooks pages execute clean
+.PHONY: book test unit notebooks pages execute clean perturbed
 
 # Re-install only when the pins or the package metadata change.
 $(READY): requirements.txt pyproject.toml
@@ -30,9 +30,30 @@ unit: $(READY)
 notebooks: $(READY)
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
 
+# Outputs must hold on every machine, not only on the one that stored them. Each perturbation below
+# changes the last bits of torch's results the way another CPU, thread count or kernel would; under
+# each, every notebook and every test that compares stored numbers (marker `numerics`) must pass.
+#   ulp      flips the last bit of every product, reduction and transcendental result
+#            (tests/perturb/sitecustomize.py): the strongest, and the same on every machine
+#   scalar   ATen's kernels without vector instructions (other reduction order, other exp/log)
+#   avx2     ATen's AVX2 kernels (this machine's default may be AVX-512)
+#   mkl      MKL's conditional-numerical-reproducibility path for matrix products
+#   threads  three threads per process: parallel reductions split differently
+# `make perturbed` runs them all; `make test` runs `ulp`. `make perturbed-scalar` runs one.
+PERTURBATIONS   := ulp scalar avx2 mkl threads
+perturb.ulp     := OPTLIB_PERTURB=ulp PYTHONPATH=$(CURDIR)/tests/perturb
+perturb.scalar  := ATEN_CPU_CAPABILITY=default
+perturb.avx2    := ATEN_CPU_CAPABILITY=avx2
+perturb.mkl     := MKL_CBWR=COMPATIBLE
+perturb.threads := OMP_NUM_THREADS=3
+perturbed: $(addprefix perturbed-,$(PERTURBATIONS))
+perturbed-%: $(READY)
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(perturb.$*) $(BIN)/python -m pytest $(XDIST) -m numerics tests
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
+
 # The page check needs Debian's Chromium (.ci/run installs it); without it `make test` says so and
 # skips only that step.
-test: unit notebooks book
+test: unit notebooks perturbed-ulp book
 	@if [ -x $(CHROMIUM) ]; then $(MAKE) --no-print-directory pages; \
 	else echo "make test: $(CHROMIUM) not found, pages not checked (apt-get install chromium)"; fi
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optlib
-from optlib.bench.compare import compare_with_torch, fixed_gradients, run_side_by_side
+from optlib.bench.compare import _max_ulps, compare_with_torch, fixed_gradients, run_side_by_side
 
 SHAPES = ((4, 3), (3,), (1,))
 
@@ -121,24 +121,72 @@ def test_nan_is_a_failure_not_a_silent_pass():
     assert both.max_param_diff == 0  # NaN in the same places in both: they agree
 
 
-def test_compare_with_torch_prints_one_stable_line(capsys):
+def test_compare_with_torch_says_bit_identical_on_the_cpu(capsys):
     results = compare_with_torch(
         _sgd(optlib.SGD, lr=0.1, momentum=0.9), _sgd(torch.optim.SGD, lr=0.1, momentum=0.9)
     )
-    assert capsys.readouterr().out == (
-        "same as torch.optim on every device, 100 steps: max |diff| < 1e-06: True\n"
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "cpu, 100 steps: bit-identical to torch.optim (parameters and state)"
     )
     assert len(results) == 1 + torch.cuda.is_available()
     assert all(r.dtype == torch.float32 and r.steps == 100 for r in results)
+    assert results[0].identical and results[0].max_ulps == 0
 
 
-def test_compare_with_torch_reports_a_disagreement(capsys):
-    compare_with_torch(
-        _sgd(optlib.SGD, lr=0.1), _sgd(torch.optim.SGD, lr=0.2), steps=10, tolerance=1e-3
+def test_compare_with_torch_reports_a_disagreement_in_ulps(capsys):
+    [cpu, *_] = compare_with_torch(_sgd(optlib.SGD, lr=0.1), _sgd(torch.optim.SGD, lr=0.2), steps=10)
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("cpu, 10 steps: within 64 ulps of torch.optim: False (largest ")
+    assert not cpu.identical and cpu.max_ulps > 1e5
+
+
+def test_ulps_are_measured_against_the_tensor_s_scale():
+    # One ulp of the largest entry is one ulp, even where it lands on an entry near zero.
+    b = torch.tensor([1.0, 1e-30, -0.5])
+    a = b.clone()
+    a[1] += torch.finfo(torch.float32).eps
+    assert _max_ulps(a, b) == 1.0
+    assert _max_ulps(b, b) == 0.0
+    assert _max_ulps(3, 4) == math.inf  # a step count is compared exactly
+
+
+def test_a_rounding_difference_is_within_a_few_ulps_and_a_wrong_eps_is_not():
+    # A different but correct order of operations: torch's Adam against a copy that computes
+    # the bias-corrected step as lr * m_hat / (sqrt(v_hat) + eps) instead of torch's grouping.
+    close = run_side_by_side(
+        lambda ps: optlib.Adam(ps, lr=0.01), lambda ps: _RegroupedAdam(ps, lr=0.01), dtype=torch.float32
     )
-    assert capsys.readouterr().out == (
-        "same as torch.optim on every device, 10 steps: max |diff| < 0.001: False\n"
+    assert 0 < close.max_ulps <= 64 and close.within_ulps(64)
+    wrong = run_side_by_side(
+        lambda ps: optlib.Adam(ps, lr=0.01, eps=1e-7), lambda ps: torch.optim.Adam(ps, lr=0.01),
+        dtype=torch.float32,
     )
+    assert wrong.max_ulps > 1e4 and not wrong.within_ulps(64)
+
+
+class _RegroupedAdam(torch.optim.Optimizer):
+    """Adam written with another grouping of the same arithmetic (same state keys as torch)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr, betas=(0.9, 0.999), eps=1e-8))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                state["exp_avg"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1**t)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**t)
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -95,25 +95,21 @@ def test_fast_path_matches_the_loop_in_float64(name, kwargs):
     assert result.agrees(1e-10 if name == "Adamax" else 1e-12), result
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_matches_the_loop_in_float32(name):
     # The compiled kernel fuses multiply-adds and computes the step size once in float32: it
     # rounds differently from the loop, by a few float32 units over 50 steps.
-    result = _loop_against_fast(name, TYPICAL[name], steps=50, dtype=torch.float32)
-    assert result.state_keys_match and result.state_types_match
+    kwargs = dict(TYPICAL[name])
     if name == "NAdam":
-        # Weight decay holds some weights near 0, where NAdam's steps of about ±γ amplify a
-        # float32 rounding difference into a different step: torch's own foreach and
-        # single-tensor NAdam differ by 5e-3 here. The fast path must differ no more.
-        torch_nadam = torch.optim.NAdam
-        reference = run_side_by_side(
-            lambda ps: torch_nadam(ps, **TYPICAL[name], foreach=False),
-            lambda ps: torch_nadam(ps, **TYPICAL[name], foreach=True),
-            steps=50, shapes=SHAPES, dtype=torch.float32,
-        )
-        assert result.max_param_diff <= reference.max_param_diff, (result, reference)
-    else:
-        assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-4, result
+        # Weight decay holds some weights near 0, where NAdam's steps of about ±γ turn a float32
+        # rounding difference into a different step (5e-3 apart after 50 steps, as far apart as
+        # torch's own foreach and single-tensor NAdam, by an amount that changes with the CPU).
+        # That is chaos, not a bound; the float64 test above covers weight decay exactly.
+        kwargs["weight_decay"] = 0.0
+    result = _loop_against_fast(name, kwargs, steps=50, dtype=torch.float32)
+    assert result.state_keys_match and result.state_types_match
+    assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-4, result
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])

@@ -43,19 +43,21 @@ def test_stored_rate_is_the_best_on_validation(stored):
             assert row["good_lrs"] == study.good_rates(sweep, entry["best_val_loss"])
 
 
-def test_stored_text_is_this_interpreter_s_text(stored):
-    record = stored["tasks"]["lm"]["text"]
-    _, here = lm.stdlib_text()
-    if here["python"] != record["python"]:
-        pytest.skip(f"results made with Python {record['python']}, this is {here['python']}")
-    assert here == record
+def test_stored_text_is_the_shipped_corpus(stored):
+    assert lm.corpus()[1] == stored["tasks"]["lm"]["text"]
 
 
+@pytest.mark.numerics
 def test_a_stored_row_is_reproduced(stored):
+    # Another CPU, thread count or torch rounds the last bits of a float64 run differently; over
+    # this run that moves the numbers by about 1e-15 relative. The tolerance leaves room for that
+    # and for nothing a change of code would cause.
     row = stored["tasks"]["quadratic"]["optimizers"]["Momentum"]
     again = study.run("quadratic", "Momentum", row["chosen_lr"], study.SEEDS[0], "test")
-    assert again["metrics"] == row["seeds"][str(study.SEEDS[0])]
-    assert again["curve"]["train_loss"] == row["curves"][str(study.SEEDS[0])]["train_loss"]
+    expected = row["seeds"][str(study.SEEDS[0])]
+    assert again["metrics"] == pytest.approx(expected, rel=1e-9)
+    curve = row["curves"][str(study.SEEDS[0])]["train_loss"]
+    assert again["curve"]["train_loss"] == pytest.approx(curve, rel=1e-9)
 
 
 @pytest.mark.parametrize("task_name", list(study.TASKS))
@@ -151,7 +153,7 @@ def test_runs_are_seeded_and_report_divergence():
 
 
 def test_text_record_and_vocabulary():
-    text, record = lm.stdlib_text()
+    text, record = lm.corpus()
     assert record["characters"] == len(text) > 100_000
     assert lm.decode(lm.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     assert lm.decode(lm.encode("é")) == "~"

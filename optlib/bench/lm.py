@@ -1,9 +1,10 @@
-"""A tiny character-level language model, trained on text that every Python installation has.
+"""A tiny character-level language model, trained on a corpus that ships with the kit.
 
-The text is a fixed list of modules from the standard library of the running interpreter, read from
-disk: no download. Different Python versions ship slightly different files, so `stdlib_text` also
-returns the version, the character counts and a SHA-256 hash of the text; a study stores them, and a
-reader whose hash differs knows that their text (and so their numbers) differ.
+The corpus is the source of a fixed list of modules from CPython 3.11.7's standard library
+(`corpus/stdlib-3.11.7.txt`, under the Python license beside it). It ships with the kit rather than
+being read from the running interpreter, whose files differ between Python versions: every reader,
+on every Python, trains on the same text. `corpus` also returns the character count and a SHA-256
+hash of the text, which a study stores.
 
 The model is a small GPT-style transformer (pre-LayerNorm blocks of causal self-attention and an MLP)
 written out in a few lines, so that nothing is hidden in a library class.
@@ -11,13 +12,11 @@ written out in a few lines, so that nothing is hidden in a library class.
 import hashlib
 import math
 import pathlib
-import sys
-import sysconfig
 
 import torch
 from torch import Tensor, nn
 
-# Modules present, with these names, in every CPython from 3.9 on. Their order is the text's order.
+# The modules in the corpus, in the text's order.
 STDLIB_FILES = (
     "textwrap.py",
     "heapq.py",
@@ -42,15 +41,16 @@ VOCABULARY = "\n" + "".join(chr(c) for c in range(32, 127))
 _INDEX = {c: i for i, c in enumerate(VOCABULARY)}
 
 
-def stdlib_text(files=STDLIB_FILES) -> tuple[str, dict]:
-    """The concatenated source of `files` from this interpreter's standard library, and a record of
-    where it came from: Python version, files, number of characters, SHA-256 of the text."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    parts = [(root / name).read_text(encoding="utf-8") for name in files]
-    text = "".join(parts)
+CORPUS = pathlib.Path(__file__).parent / "corpus" / "stdlib-3.11.7.txt"
+
+
+def corpus() -> tuple[str, dict]:
+    """The text the language model trains on, and a record of it: where it comes from, the files,
+    the number of characters and the SHA-256 of the text."""
+    text = CORPUS.read_text(encoding="utf-8")
     record = {
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "files": list(files),
+        "source": "CPython 3.11.7 standard library",
+        "files": list(STDLIB_FILES),
         "characters": len(text),
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
     }

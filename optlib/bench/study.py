@@ -238,7 +238,7 @@ class CharLM(Task):
         }
 
     def make_data(self):
-        text, record = lm.stdlib_text()
+        text, record = lm.corpus()
         tokens = lm.encode(text)
         a, b = int(0.8 * len(tokens)), int(0.9 * len(tokens))
         return {"train": tokens[:a], "val": tokens[a:b], "test": tokens[b:], "text": record}
