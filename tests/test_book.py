@@ -56,3 +56,14 @@ def test_outputs_show_no_raw_tensors_or_machine_details(path):
         for output in cell["outputs"]:
             text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
             assert not re.search(r"(?<![\w.])tensor\(|device='cuda|/tmp/ipykernel_|0x[0-9a-f]{8,}", text), text[:200]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_cell_claims_gpu_results_that_no_gpu_made(path):
+    # The stored outputs come from the CPU (nbval hides any GPU): a chapter may not say that a
+    # GPU gives the same results.
+    for cell in code_cells(path):
+        source = "".join(cell["source"])
+        assert "the results are the same" not in source, source[:200]
+        for output in cell["outputs"]:
+            assert "on every device" not in "".join(output.get("text", "")), source[:200]
