@@ -51,9 +51,10 @@ def adafactor_update(
         param.mul_(1 - lr * weight_decay)
     if g.dim() > 1:
         # the means of g_t² along each row and each column, as squared norms
-        # (as torch computes them: no tensor g_t² is made)
-        row_mean = g.norm(dim=-1, keepdim=True) ** 2 / g.size(-1)  # (p, 1)
-        col_mean = g.norm(dim=-2, keepdim=True) ** 2 / g.size(-2)  # (1, q)
+        # (as torch computes them: no tensor g_t² is made; squared and divided
+        # in place, torch's operations, so that the bits agree on every machine)
+        row_mean = g.norm(dim=-1, keepdim=True).square_().div_(g.size(-1))  # (p, 1)
+        col_mean = g.norm(dim=-2, keepdim=True).square_().div_(g.size(-2))  # (1, q)
         row_var.lerp_(row_mean, one_minus_beta2)  # r_t = β̂2 r_{t-1} + ...
         col_var.lerp_(col_mean, one_minus_beta2)  # c_t = β̂2 c_{t-1} + ...
         # v̂_t = r_t c_tᵀ / max(mean(r_t), ε1), a rank-1 (p, q) matrix
