@@ -14,6 +14,9 @@ last bit of a product, a sum or an exp moves as it would on another CPU.
 import os
 
 if os.environ.get("OPTLIB_PERTURB") == "ulp":
+    import contextlib
+    import functools
+
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -45,9 +48,7 @@ if os.environ.get("OPTLIB_PERTURB") == "ulp":
     class LastBitFlip(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            # Not while torch's profiler runs: it counts the flip's temporaries as the measured
-            # code's memory (speed.peak_extra_bytes), an artefact no other CPU would produce.
-            if func in _OPS and not torch.autograd._profiler_enabled():
+            if func in _OPS:
                 with torch._C._DisableTorchDispatch():
                     if isinstance(out, (tuple, list)):
                         for t in out:
@@ -56,4 +57,56 @@ if os.environ.get("OPTLIB_PERTURB") == "ulp":
                         _flip(out)
             return out
 
-    LastBitFlip().__enter__()
+    _mode = LastBitFlip()
+    _mode.__enter__()
+    _mode_on = True
+
+    @contextlib.contextmanager
+    def _flips_paused():
+        global _mode_on
+        if not _mode_on:  # already paused by an enclosing pause
+            yield
+            return
+        _mode.__exit__(None, None, None)
+        _mode_on = False
+        try:
+            yield
+        finally:
+            _mode.__enter__()
+            _mode_on = True
+
+    # Two places where the mode steps aside, because its presence, not a last bit, would change
+    # what is measured. Compiled code: under a Python dispatch mode torch.compile does not compile
+    # (the fast path would run as separate eager operations, with temporaries of their own).
+    _compile = torch.compile
+
+    def _compile_without_flips(model=None, **options):
+        if model is None:  # used as @torch.compile(...)
+            return lambda model: _compile_without_flips(model, **options)
+        compiled = _compile(model, **options)
+
+        @functools.wraps(model)
+        def run_compiled(*args, **kwargs):
+            with _flips_paused():
+                return compiled(*args, **kwargs)
+
+        return run_compiled
+
+    torch.compile = _compile_without_flips
+
+    # And torch's profiler, while it measures memory (speed._peak_extra_bytes): the flips allocate.
+    _profile = torch.profiler.profile
+    _profile_enter, _profile_exit = _profile.__enter__, _profile.__exit__
+
+    def _enter_without_flips(self):
+        self._flips_paused = _flips_paused()
+        self._flips_paused.__enter__()
+        return _profile_enter(self)
+
+    def _exit_with_flips(self, *exc_info):
+        try:
+            return _profile_exit(self, *exc_info)
+        finally:
+            self._flips_paused.__exit__(None, None, None)
+
+    _profile.__enter__, _profile.__exit__ = _enter_without_flips, _exit_with_flips
