@@ -192,8 +192,9 @@ def strong_wolfe(
     return best.phi, best.grad, best.step, evaluations
 
 
-def _flat_grad(params: list[Tensor]) -> Tensor:
-    """All gradients as one vector (complex numbers as two reals; a missing gradient as 0)."""
+def _flat_grad(params: list[Tensor], maximize: bool) -> Tensor:
+    """All gradients as one vector (complex numbers as two reals; a missing gradient as 0),
+    negated when maximizing."""
     views = []
     for p in params:
         if p.grad is None:
@@ -203,7 +204,8 @@ def _flat_grad(params: list[Tensor]) -> Tensor:
         else:
             grad = p.grad
         views.append(real(grad).reshape(-1))
-    return torch.cat(views)
+    flat = torch.cat(views)
+    return flat.neg_() if maximize else flat
 
 
 def _add_to_params(params: list[Tensor], step, direction: Tensor) -> None:
@@ -286,6 +288,8 @@ class LBFGS(Optimizer):
         history_size (int, optional): :math:`m`, the number of pairs kept (default: 100)
         line_search_fn (str, optional): ``"strong_wolfe"`` or ``None``, a fixed step
             (default: None)
+        maximize (bool, optional): maximize f, by minimizing -f: the loss and the gradient
+            are negated as the closure returns them (default: False)
 
     .. note::
         Where PyTorch's L-BFGS (and so this one) differs from the textbook (Nocedal & Wright,
@@ -302,7 +306,8 @@ class LBFGS(Optimizer):
         PyTorch's RuntimeError at the start of ``step``, before the closure is called;
         PyTorch raises it later in the same call. With the line search and ``max_eval < 1``,
         torch 2.13 fails with an UnboundLocalError; here the line search evaluates its first
-        trial only, as it does when ``max_eval`` is used up.
+        trial only, as it does when ``max_eval`` is used up. ``maximize`` came to
+        torch.optim.LBFGS in torch 2.15; optlib has it on every torch.
     """
 
     def __init__(
@@ -315,6 +320,8 @@ class LBFGS(Optimizer):
         tolerance_change: float = 1e-9,
         history_size: int = 100,
         line_search_fn: str | None = None,
+        *,
+        maximize: bool = False,
     ) -> None:
         check_tensor_lr(lr)
         check_non_negative(lr=lr)
@@ -324,12 +331,13 @@ class LBFGS(Optimizer):
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
 
-    def _evaluate_along(self, closure, params, start, step, direction):
-        """φ for the line search: f and the flat ∇f at ``start`` + step · direction; the
-        parameters are put back to ``start`` afterwards."""
+    def _evaluate_along(self, closure, params, start, step, direction, maximize):
+        """φ for the line search: f and the flat ∇f (-f and -∇f when maximizing) at
+        ``start`` + step · direction; the parameters are put back to ``start`` afterwards."""
         _add_to_params(params, step, direction)
         loss = float(closure())
-        grad = _flat_grad(params)
+        loss = -loss if maximize else loss
+        grad = _flat_grad(params, maximize)
         for p, p0 in zip(params, start, strict=True):
             p.copy_(p0)
         return loss, grad
@@ -354,6 +362,8 @@ class LBFGS(Optimizer):
         tolerance_change = group["tolerance_change"]
         history_size = group["history_size"]
         line_search_fn = group["line_search_fn"]
+        # -f is minimized; .get: a state dict saved by a torch before 2.15 has no "maximize"
+        maximize = group.get("maximize", False)
         if line_search_fn not in (None, "strong_wolfe"):
             raise RuntimeError(
                 f"only 'strong_wolfe' is supported, got {line_search_fn!r}"
@@ -365,10 +375,10 @@ class LBFGS(Optimizer):
         state.setdefault("n_iter", 0)
 
         first_loss = closure()
-        loss = float(first_loss)
+        loss = -float(first_loss) if maximize else float(first_loss)
         evaluations = 1  # closure calls in this call of step
         state["func_evals"] += 1
-        grad = _flat_grad(params)  # g_k = ∇f(θ_{k-1})
+        grad = _flat_grad(params, maximize)  # g_k = ∇f(θ_{k-1})
         if grad.abs().max() <= tolerance_grad:  # already stationary
             return first_loss
 
@@ -421,7 +431,7 @@ class LBFGS(Optimizer):
                          for p in params]
 
                 def evaluate(step):
-                    return self._evaluate_along(closure, params, start, step, d)
+                    return self._evaluate_along(closure, params, start, step, d, maximize)
 
                 loss, grad, t, used = strong_wolfe(
                     evaluate, t, d, loss, grad, gtd,
@@ -434,7 +444,8 @@ class LBFGS(Optimizer):
                 used = 0
                 if n_iter != max_iter:  # else the next call evaluates θ_k
                     loss = float(closure())
-                    grad = _flat_grad(params)
+                    loss = -loss if maximize else loss
+                    grad = _flat_grad(params, maximize)
                     converged = grad.abs().max() <= tolerance_grad
                     used = 1
             evaluations += used

@@ -200,14 +200,50 @@ def test_matches_torch_with_complex_sparse_and_missing_gradients():
     assert runs[0].params[1].grad.is_sparse  # the gradient was sparse, and was used
 
 
+# torch.optim.LBFGS takes `maximize` from torch 2.15 on; optlib.LBFGS takes it on every torch.
+TORCH_HAS_MAXIMIZE = "maximize" in inspect.signature(torch.optim.LBFGS).parameters
+
+
 def test_same_signature_defaults_and_group_keys():
     def described(cls):
         return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
 
-    assert described(optlib.LBFGS) == described(torch.optim.LBFGS)
     ours, theirs = optlib.LBFGS(_start()), torch.optim.LBFGS(_start())
-    assert ours.defaults == theirs.defaults and ours.defaults["max_eval"] == 25  # 20 * 5 // 4
-    assert list(ours.param_groups[0]) == list(theirs.param_groups[0])
+    ours_defaults, ours_keys = dict(ours.defaults), list(ours.param_groups[0])
+    maximize = ("maximize", inspect.Parameter.KEYWORD_ONLY, False)
+    if TORCH_HAS_MAXIMIZE:
+        assert described(optlib.LBFGS) == described(torch.optim.LBFGS)
+    else:  # the same, with maximize last
+        assert described(optlib.LBFGS) == described(torch.optim.LBFGS) + [maximize]
+        assert ours_defaults.pop("maximize") is False
+        ours_keys.remove("maximize")
+    assert ours_defaults == theirs.defaults and ours.defaults["max_eval"] == 25  # 20 * 5 // 4
+    assert ours_keys == list(theirs.param_groups[0])
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("problem", ["quadratic", "logistic"])
+def test_maximizing_the_negated_loss_is_minimizing_the_loss(problem, line_search_fn):
+    # On every torch, and bit for bit: the negation is exact, and maximize only negates.
+    def negated(params):
+        return -PROBLEMS[problem](params)
+
+    maximizing = Run(optlib.LBFGS, negated, dict(line_search_fn=line_search_fn, maximize=True))
+    minimizing = Run(optlib.LBFGS, problem, dict(line_search_fn=line_search_fn))
+    while minimizing.calls < CALLS:
+        assert maximizing.step().item() == -minimizing.step().item()
+        assert maximizing.calls == minimizing.calls
+        assert all(torch.equal(p, q) for p, q in zip(maximizing.params, minimizing.params))
+    assert _state_difference(maximizing.state, minimizing.state) == 0
+
+
+@pytest.mark.skipif(not TORCH_HAS_MAXIMIZE, reason="torch.optim.LBFGS has maximize from 2.15")
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_maximize_matches_torch(line_search_fn):
+    calls, worst = _side_by_side(
+        lambda params: -_rosenbrock(params), dict(line_search_fn=line_search_fn, maximize=True)
+    )
+    assert calls >= CALLS and worst < TOL
 
 
 # ---------------------------------------------------------------- 2. internal equivalences
