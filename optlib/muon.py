@@ -166,9 +166,10 @@ class Muon(Optimizer):
         gradient (the reference steps them with a zero gradient), and defaults to
         ``lr=1e-3, weight_decay=0.1`` (the reference: 0.02 and 0). The Newton–Schulz
         iteration always runs in bfloat16, also for float64 parameters. One deliberate
-        difference: for a bfloat16 parameter with ``nesterov=False``, torch 2.13 divides the
-        momentum buffer itself by its norm at every step (``.bfloat16()`` returns the buffer
-        and the division is in place); optlib divides a new tensor and keeps the average.
+        difference from torch 2.13 and 2.14: for a bfloat16 parameter with ``nesterov=False``,
+        they divide the momentum buffer itself by its norm at every step (``.bfloat16()``
+        returns the buffer and the division is in place); optlib divides a new tensor and keeps
+        the average, as torch does from 2.15 on.
     """
 
     # The update reduces over a matrix (a norm, matrix products): no flat packing of tensors.
