@@ -290,11 +290,15 @@ def table(timings: list[Timing]) -> str:
         torch_default = next(u for u in same if u.implementation == "torch").seconds_per_step
         torch_best = min(u.seconds_per_step for u in same if u.implementation.startswith("torch"))
         compile_s = "" if t.compile_seconds is None else f"{t.compile_seconds:.1f}"
+        if t.optimizer in SPECIAL_PARAMETERS:  # not element-wise: the bytes model does not apply
+            floor, bytes_per_parameter = "n/a", "n/a"
+        else:
+            floor, bytes_per_parameter = f"{t.fraction_of_floor:.2f}", f"{t.bytes_per_parameter:d}"
         rows.append(
             f"{t.optimizer:10} {t.case:10} {t.device:6} {t.implementation:14} "
             f"{1e3 * t.seconds_per_step:8.2f} {t.seconds_per_step / torch_default:8.2f} "
-            f"{t.seconds_per_step / torch_best:7.2f} {t.fraction_of_floor:5.2f} "
-            f"{t.bytes_per_parameter:7d} {t.peak_extra_bytes / 2**20:8.1f} {compile_s:>9}"
+            f"{t.seconds_per_step / torch_best:7.2f} {floor:>5} "
+            f"{bytes_per_parameter:>7} {t.peak_extra_bytes / 2**20:8.1f} {compile_s:>9}"
         )
     return "\n".join(rows)
 
