@@ -81,7 +81,7 @@ pages: $(READY)
 
 check-pages: book pages
 
-# The optimizer study behind chapters/choosing.ipynb (6 to 12 minutes here): writes
+# The optimizer study behind chapters/choosing.ipynb (minutes; it prints its time): writes
 # optlib/bench/results/study.json, which is committed and installed with the kit.
 .PHONY: study
 study: $(READY)

@@ -18,9 +18,9 @@ runs wherever optlib[bench] is installed, Colab included). The results file hold
 stored configuration is the one in this file, so that the file cannot silently go stale.
 
 Everything is seeded, and the study runs on the CPU with one thread. The quadratic, digits and
-rare-feature tasks compute in float64, where these small runs do not depend on the number of threads,
-so the chapter can re-run any of their rows and get the same numbers; the language model computes in
-float32 for speed. Wall-clock times are measured and stored, but they differ from run to run.
+rare-feature tasks compute in float64, where a change in the last bit (another CPU, another thread
+count) stays far below the printed digits, so the chapter can re-run any of their rows and get the
+stored numbers within a stated tolerance; the language model computes in float32 for speed. Wall-clock times are measured and stored, but they differ from run to run.
 """
 import argparse
 import json
