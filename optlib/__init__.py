@@ -2,6 +2,7 @@
 
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
+Those that torch.optim lacks (`Lion`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -16,6 +17,7 @@ from optlib.adamax import Adamax
 from optlib.adamw import AdamW
 from optlib.asgd import ASGD
 from optlib.lbfgs import LBFGS
+from optlib.lion import Lion
 from optlib.muon import Muon
 from optlib.nadam import NAdam
 from optlib.optimizer import Optimizer
@@ -34,6 +36,7 @@ __all__ = [
     "AdamW",
     "ASGD",
     "LBFGS",
+    "Lion",
     "Muon",
     "NAdam",
     "Optimizer",

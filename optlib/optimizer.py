@@ -153,6 +153,12 @@ class Optimizer(torch.optim.Optimizer):
     def _init_state(self, param: Tensor, group: dict) -> dict:
         return {}
 
+    def _settings(self, group: dict) -> dict:
+        """A group's hyperparameters as the update takes them: tensors by their value. An
+        optimizer that keeps a setting on itself rather than in its groups (as some reference
+        packages do) adds it here."""
+        return {k: _value(v) for k, v in group.items() if k != "params"}
+
     @staticmethod
     def _update(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         raise NotImplementedError
@@ -166,7 +172,7 @@ class Optimizer(torch.optim.Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            settings = {k: _value(v) for k, v in group.items() if k != "params"}
+            settings = self._settings(group)
             params = [p for p in group["params"] if p.grad is not None]
             for param in params:
                 if param.grad.is_sparse and not self.accepts_sparse_gradients:

@@ -1,11 +1,13 @@
 """What the optimizer tests share: float64 parameters, stepping on given gradients, and the
 optimizer pairs (optlib, torch.optim) with a grid of settings that covers every argument."""
 
+import copy
 import itertools
 
 import torch
 
 import optlib
+from optlib.bench.compare import fixed_gradients
 
 TOL = 1e-12
 SHAPES = ((4, 3), (3,), (1,))
@@ -203,3 +205,47 @@ TYPICAL = {
     "Muon": dict(lr=0.02, momentum=0.9, weight_decay=0.1, ns_steps=4, adjust_lr_fn="match_rms_adamw"),
     "Adafactor": dict(lr=0.2, beta2_decay=-0.7, eps=(1e-6, 1e-2), d=1.2, weight_decay=0.1),
 }
+
+
+def same_run(params, opt, other_params, other_opt, tolerance):
+    """Parameters and state of two runs agree: bit for bit when tolerance is 0."""
+    pairs = list(zip(params, other_params))
+    for p, q in pairs:
+        assert opt.state[p].keys() == other_opt.state[q].keys()
+    tensors = [(p, q) for p, q in pairs] + [
+        (opt.state[p][k], other_opt.state[q][k]) for p, q in pairs for k in opt.state[p]
+    ]
+    if tolerance == 0:
+        assert all(torch.equal(a, b) for a, b in tensors)
+    else:
+        assert max((a - b).abs().max().item() for a, b in tensors) < tolerance
+
+
+def checkpoint_continues(make_first, make_second, reference, kwargs, shapes):
+    """30 steps with make_first; its state_dict into make_second and into the torch class
+    (reference); 30 more steps on all three. The resumed run continues bit for bit as torch's
+    does from the same checkpoint, and as the first run did. Loading casts a state tensor to
+    its parameter's dtype, so where a float32 counter meets float64 parameters (NAdam's
+    mu_product, ASGD's eta and mu) the first run goes on in float32 and the resumed ones in
+    float64: those agree with the first run to rounding."""
+    grads = fixed_gradients(shapes, 60)
+    params = make_params(shapes=shapes)
+    first = make_first(params, **kwargs)
+    run(first, params, grads[:30])
+    checkpoint = first.state_dict()
+
+    resumed, witnessed = clone_params(params), clone_params(params)
+    second = make_second(resumed, lr=1.0)  # the hyperparameters come from the state_dict
+    witness = reference(witnessed, lr=1.0)
+    for opt in (second, witness):
+        opt.load_state_dict(copy.deepcopy(checkpoint))
+    cast = any(
+        v.dtype != second.state[q][k].dtype
+        for p, q in zip(params, resumed)
+        for k, v in first.state[p].items()
+    )
+    run(first, params, grads[30:])
+    run(second, resumed, grads[30:])
+    run(witness, witnessed, grads[30:])
+    same_run(resumed, second, witnessed, witness, tolerance=0)
+    same_run(params, first, resumed, second, tolerance=TOL if cast else 0)

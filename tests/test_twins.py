@@ -12,7 +12,7 @@ import torch
 
 import optlib
 from optim_helpers import TOL, TWINS, TYPICAL, clone_params, make_params, max_diff, run
-from optim_helpers import shapes_of, typical_pairs
+from optim_helpers import checkpoint_continues, shapes_of, typical_pairs
 from optlib.bench.compare import fixed_gradients, run_side_by_side
 
 NAMES = list(TWINS)
@@ -297,56 +297,12 @@ def test_sparse_gradients_like_torch(name):
 # ---------------------------------------------------------------- checkpoints and torch's machinery
 
 
-def _same_run(params, opt, other_params, other_opt, tolerance):
-    """Parameters and state of two runs agree: bit for bit when tolerance is 0."""
-    pairs = list(zip(params, other_params))
-    for p, q in pairs:
-        assert opt.state[p].keys() == other_opt.state[q].keys()
-    tensors = [(p, q) for p, q in pairs] + [
-        (opt.state[p][k], other_opt.state[q][k]) for p, q in pairs for k in opt.state[p]
-    ]
-    if tolerance == 0:
-        assert all(torch.equal(a, b) for a, b in tensors)
-    else:
-        assert max((a - b).abs().max().item() for a, b in tensors) < tolerance
-
-
-def _checkpoint_continues(make_first, make_second, reference, kwargs, shapes):
-    """30 steps with make_first; its state_dict into make_second and into the torch class
-    (reference); 30 more steps on all three. The resumed run continues bit for bit as torch's
-    does from the same checkpoint, and as the first run did. Loading casts a state tensor to
-    its parameter's dtype, so where a float32 counter meets float64 parameters (NAdam's
-    mu_product, ASGD's eta and mu) the first run goes on in float32 and the resumed ones in
-    float64: those agree with the first run to rounding."""
-    grads = fixed_gradients(shapes, 60)
-    params = make_params(shapes=shapes)
-    first = make_first(params, **kwargs)
-    run(first, params, grads[:30])
-    checkpoint = first.state_dict()
-
-    resumed, witnessed = clone_params(params), clone_params(params)
-    second = make_second(resumed, lr=1.0)  # the hyperparameters come from the state_dict
-    witness = reference(witnessed, lr=1.0)
-    for opt in (second, witness):
-        opt.load_state_dict(copy.deepcopy(checkpoint))
-    cast = any(
-        v.dtype != second.state[q][k].dtype
-        for p, q in zip(params, resumed)
-        for k, v in first.state[p].items()
-    )
-    run(first, params, grads[30:])
-    run(second, resumed, grads[30:])
-    run(witness, witnessed, grads[30:])
-    _same_run(resumed, second, witnessed, witness, tolerance=0)
-    _same_run(params, first, resumed, second, tolerance=TOL if cast else 0)
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("direction", ["optlib->optlib", "torch->optlib", "optlib->torch"])
 def test_state_dict_resumes_bit_for_bit(name, direction):
     ours, theirs, _ = TWINS[name]
     first, second = {"optlib->optlib": (ours, ours), "torch->optlib": (theirs, ours), "optlib->torch": (ours, theirs)}[direction]
-    _checkpoint_continues(first, second, theirs, TYPICAL[name], shapes_of(name))
+    checkpoint_continues(first, second, theirs, TYPICAL[name], shapes_of(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -483,10 +439,10 @@ def test_torch_code_runs_unchanged_with_optlib_as_optim():
 def test_import_optlib_needs_only_torch(monkeypatch):
     class Forbid:  # an import hook that refuses the experiment kit and its dependencies
         def find_spec(self, name, path=None, target=None):
-            if name.startswith(("optlib.bench", "matplotlib", "sklearn")):
+            if name.startswith(("optlib.bench", "matplotlib", "sklearn", "lion_pytorch")):
                 raise ImportError(f"optlib imported {name}")
 
-    kit = ("optlib", "matplotlib", "sklearn")
+    kit = ("optlib", "matplotlib", "sklearn", "lion_pytorch")
     for name in [n for n in sys.modules if n.partition(".")[0] in kit]:
         monkeypatch.delitem(sys.modules, name)  # restored after the test
     monkeypatch.setattr(sys, "meta_path", [Forbid(), *sys.meta_path])

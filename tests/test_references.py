@@ -1,0 +1,262 @@
+"""The optimizers that torch.optim lacks, against the reference package their users install:
+same signature and defaults, same state, same errors, and the same steps in float64 over a grid of
+every argument (60 steps, to 1e-12), with checkpoints that move between the two packages."""
+
+import copy
+import inspect
+
+import lion_pytorch
+import pytest
+import torch
+from optim_helpers import TOL, checkpoint_continues, clone_params, grid, make_params, max_diff, run
+
+import optlib
+from optlib.bench.compare import fixed_gradients, run_side_by_side
+
+# name: (optlib class, reference class, settings covering every argument, a typical setting)
+REFERENCES = {
+    "Lion": (
+        optlib.Lion,
+        lion_pytorch.Lion,
+        grid(
+            lr=[1e-4, 3e-2],
+            betas=[(0.9, 0.99), (0.0, 0.9), (0.95, 0.95), (1.0, 1.0)],
+            weight_decay=[0.0, 0.1],
+            decoupled_weight_decay=[False, True],
+        ),
+        dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.1),
+    ),
+}
+NAMES = list(REFERENCES)
+SHAPES = ((4, 3), (3,), (1,))
+
+
+def _label(kwargs):
+    return ",".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [pytest.param(n, kw, id=f"{n}-{_label(kw)}") for n in NAMES for kw in REFERENCES[n][2]],
+)
+def test_matches_the_reference_over_the_grid(name, kwargs):
+    ours, theirs, _, _ = REFERENCES[name]
+    result = run_side_by_side(
+        lambda ps: ours(ps, **copy.deepcopy(kwargs)),
+        lambda ps: theirs(ps, **copy.deepcopy(kwargs)),
+        shapes=SHAPES,
+        steps=60,
+    )
+    assert result.max_param_diff < TOL and result.max_state_diff < TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_signature_defaults_and_group_keys(name):
+    ours, theirs, _, _ = REFERENCES[name]
+
+    def arguments(cls):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
+
+    assert arguments(ours) == arguments(theirs)
+    groups = [cls(make_params(shapes=SHAPES)).param_groups for cls in (ours, theirs)]
+    assert groups[0][0].keys() == groups[1][0].keys()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_state_keys_dtypes_and_shapes(name):
+    ours, theirs, _, typical = REFERENCES[name]
+    described = []
+    for cls in (ours, theirs):
+        params = make_params(shapes=SHAPES)
+        opt = cls(params, **typical)
+        run(opt, params, fixed_gradients(SHAPES, 2))
+        described.append(
+            [(k, v.dtype, v.shape) for p in params for k, v in sorted(opt.state[p].items())]
+        )
+    assert described[0] == described[1]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("direction", ["optlib->optlib", "reference->optlib", "optlib->reference"])
+def test_state_dict_resumes_bit_for_bit(name, direction):
+    ours, theirs, _, typical = REFERENCES[name]
+    first, second = {
+        "optlib->optlib": (ours, ours),
+        "reference->optlib": (theirs, ours),
+        "optlib->reference": (ours, theirs),
+    }[direction]
+    checkpoint_continues(first, second, theirs, typical, SHAPES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_with_different_hyperparameters(name):
+    ours, theirs, settings, typical = REFERENCES[name]
+    results = []
+    for cls in (ours, theirs):
+        params = make_params(shapes=SHAPES)
+        groups = [dict(params=params[:1], **settings[-1]), dict(params=params[1:])]
+        run(cls(groups, **typical), params, fixed_gradients(SHAPES, 30))
+        results.append(params)
+    assert max_diff(*results) < TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_parameter_whose_gradient_appears_later_and_the_closure(name):
+    ours, theirs, _, typical = REFERENCES[name]
+    results = []
+    for cls in (ours, theirs):
+        params = make_params(shapes=SHAPES)
+        opt = cls(params, **typical)
+        for t, step in enumerate(fixed_gradients(SHAPES, 6)):
+            for p, g in zip(params, step):
+                p.grad = g.clone() if t >= 3 or p is not params[0] else None
+            assert opt.step(lambda: torch.tensor(2.0)) == 2.0
+        results.append(params)
+    assert max_diff(*results) < TOL
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_is_not_modified(name):
+    ours, _, _, typical = REFERENCES[name]
+    params = make_params(shapes=SHAPES)
+    grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = ours(params, **typical)
+    for _ in range(3):
+        opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fast_path_matches_the_loop(name, dtype):
+    """Compiled on buckets of tensors (a packed one and one large enough to stay where it
+    lies): the loop's results to 1e-12 in float64; in float32 a last-bit difference in c_t can
+    flip the sign of a coordinate where c_t is nearly 0, so the bound is a few steps of lr."""
+    from optlib.fast import SMALL
+
+    ours, _, _, typical = REFERENCES[name]
+    fast_flag = {"Lion": dict(use_triton=True)}[name]
+    torch._dynamo.reset()
+    result = run_side_by_side(
+        lambda ps: ours(ps, **typical),
+        lambda ps: ours(ps, **typical, **fast_flag),
+        shapes=((4, 3), (3,), (), (SMALL + 7,)),
+        steps=20,
+        dtype=dtype,
+    )
+    if dtype == torch.float64:
+        assert result.max_param_diff < TOL and result.max_state_diff < TOL
+    else:
+        assert result.max_param_diff <= 4 * typical["lr"] and result.max_state_diff < 1e-5
+
+
+# ---------------------------------------------------------------- errors
+
+INVALID = {
+    "Lion": [
+        (dict(lr=0.0), "0.0"),
+        (dict(lr=-1e-4), "-0.0001"),
+        (dict(betas=(-0.1, 0.99)), "index 0"),
+        (dict(betas=(0.9, 1.5)), "index 1"),
+        (dict(params=[]), None),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, text",
+    [pytest.param(n, kw, t, id=f"{n}-{_label(kw)}") for n in NAMES for kw, t in INVALID[n]],
+)
+def test_invalid_arguments_raise_like_the_reference(name, kwargs, text):
+    ours, theirs, _, _ = REFERENCES[name]
+    kwargs = dict(params=make_params(shapes=SHAPES)) | kwargs
+    with pytest.raises(Exception) as reference_error:
+        theirs(**kwargs)
+    with pytest.raises(reference_error.type) as our_error:
+        ours(**kwargs)
+    if text is not None:
+        assert text in str(our_error.value)
+
+
+def test_lion_refuses_negative_weight_decay_which_the_reference_accepts():
+    lion_pytorch.Lion(make_params(shapes=SHAPES), weight_decay=-0.1)
+    with pytest.raises(ValueError, match="-0.1"):
+        optlib.Lion(make_params(shapes=SHAPES), weight_decay=-0.1)
+
+
+# ---------------------------------------------------------------- Lion's own properties
+
+
+def test_lion_moves_every_coordinate_by_exactly_lr():
+    params = make_params(shapes=SHAPES)
+    before = clone_params(params)
+    run(optlib.Lion(params, lr=0.01), params, fixed_gradients(SHAPES, 1))
+    steps = torch.cat([(p - q).abs().flatten() for p, q in zip(params, before)])
+    assert torch.allclose(steps, torch.full_like(steps, 0.01), rtol=0, atol=1e-15)
+
+
+def test_lion_with_equal_betas_is_signum_and_with_beta1_zero_is_sign_sgd():
+    """Lion with β1 = β2 = β steps along the sign of the momentum m_t (Signum, Bernstein et al.,
+    2018); with β1 = 0 along the sign of the gradient."""
+    grads = fixed_gradients(SHAPES, 40)
+    for betas in [(0.9, 0.9), (0.0, 0.99)]:
+        params = make_params(shapes=SHAPES)
+        expected, momentum = clone_params(params), [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+        run(optlib.Lion(params, lr=0.01, betas=betas), params, grads)
+        for step in grads:
+            for p, m, g in zip(expected, momentum, step):
+                m.mul_(betas[1]).add_(g, alpha=1 - betas[1])
+                direction = m if betas[0] == betas[1] else g
+                p.data.sub_(0.01 * direction.sign())
+        assert max_diff(params, expected) < TOL
+
+
+def test_lion_with_beta1_zero_is_adam_with_both_betas_zero_and_no_eps():
+    """Adam's step m̂/(√v̂ + ε) with β1 = β2 = 0 and ε = 0 is g/|g|, the sign: Lion's tail."""
+    grads = fixed_gradients(SHAPES, 30)
+    results = []
+    for make in [
+        lambda ps: optlib.Lion(ps, lr=0.01, betas=(0.0, 0.5)),
+        lambda ps: optlib.Adam(ps, lr=0.01, betas=(0.0, 0.0), eps=0.0),
+    ]:
+        params = make_params(shapes=SHAPES)
+        run(make(params), params, grads)
+        results.append(params)
+    assert max_diff(*results) < TOL
+
+
+def test_lion_decoupled_weight_decay_divides_by_the_initial_rate():
+    grads = fixed_gradients(SHAPES, 20)
+    results = []
+    for kwargs in [dict(weight_decay=1e-3, decoupled_weight_decay=True), dict(weight_decay=1e-3 / 0.02)]:
+        params = make_params(shapes=SHAPES)
+        run(optlib.Lion(params, lr=0.02, **kwargs), params, grads)
+        results.append(params)
+    assert max_diff(*results) < TOL
+
+
+def test_lion_complex_parameters_take_the_complex_sign_like_the_reference():
+    results = []
+    for cls in (optlib.Lion, lion_pytorch.Lion):
+        gen = torch.Generator().manual_seed(0)
+        param = torch.randn(5, dtype=torch.complex128, generator=gen).requires_grad_()
+        opt = cls([param], lr=0.01, weight_decay=0.1)
+        for _ in range(10):
+            param.grad = torch.randn(5, dtype=torch.complex128, generator=gen)
+            opt.step()
+        results.append(param)
+    assert max_diff(*results) < TOL
+
+
+def test_lion_settles_within_a_few_steps_of_lr_on_a_quadratic():
+    """A sign method with a constant rate cannot converge: it ends oscillating around the
+    minimum, each coordinate within a few steps of lr (here 1e-3) of it."""
+    x = torch.tensor([3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = optlib.Lion([x], lr=1e-3)
+    for _ in range(6000):
+        opt.zero_grad()
+        (x[0] ** 2 + 100 * x[1] ** 2).backward()
+        opt.step()
+    assert x.abs().max() < 5e-3
