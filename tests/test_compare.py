@@ -197,3 +197,14 @@ def test_run_side_by_side_on_cuda():
         _sgd(optlib.SGD, **kwargs), _sgd(torch.optim.SGD, **kwargs), device="cuda"
     )
     assert result.device == "cuda" and result.agrees(1e-12) and result.state_keys_match
+
+
+def test_compare_with_torch_names_another_reference(capsys):
+    import lion_pytorch
+
+    compare_with_torch(
+        lambda ps: optlib.Lion(ps, lr=0.01), lambda ps: lion_pytorch.Lion(ps, lr=0.01), steps=10,
+        reference="lion-pytorch",
+    )
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == "cpu, 10 steps: bit-identical to lion-pytorch (parameters and state)"

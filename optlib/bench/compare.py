@@ -190,6 +190,7 @@ def compare_with_torch(
     ulps: float = 64,
     shapes: Shapes = DEFAULT_SHAPES,
     seed: int = 0,
+    reference: str = "torch.optim",
 ) -> list[SideBySide]:
     """Run :func:`run_side_by_side` in float32 on every available device; print a verdict per device.
 
@@ -200,7 +201,8 @@ def compare_with_torch(
     rounding, a wrong formula is thousands. A failed check prints only the order of magnitude of
     the largest difference, whose digits would move with the machine's last bits. The CPU line is
     the same on every machine; a GPU adds a line of its own.
-    Returns the results, one per device, for a closer look.
+    ``reference`` names what ``make_theirs`` builds, for the verdict (``"lion-pytorch"`` for an
+    optimizer that torch.optim lacks). Returns the results, one per device, for a closer look.
     """
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     results = []
@@ -215,21 +217,21 @@ def compare_with_torch(
             seed=seed,
         )
         results.append(result)
-        print(verdict(result, ulps))
+        print(verdict(result, ulps, reference))
     return results
 
 
-def verdict(result: SideBySide, ulps: float = 64) -> str:
+def verdict(result: SideBySide, ulps: float = 64, reference: str = "torch.optim") -> str:
     """One line, short enough for the book's output boxes, that says how close the two were."""
     where = f"{result.device}, {result.steps} steps"
     if result.identical:
-        return f"{where}: bit-identical to torch.optim (parameters and state)"
+        return f"{where}: bit-identical to {reference} (parameters and state)"
     if not result.state_keys_match or not result.state_types_match:
-        return f"{where}: state keys or dtypes differ from torch.optim: False"
+        return f"{where}: state keys or dtypes differ from {reference}: False"
     if result.max_ulps <= ulps:
-        return f"{where}: within {ulps:g} ulps of torch.optim: True"
+        return f"{where}: within {ulps:g} ulps of {reference}: True"
     if math.isinf(result.max_ulps):  # a step count or another integer differs
-        return f"{where}: within {ulps:g} ulps of torch.optim: False (counts differ)"
+        return f"{where}: within {ulps:g} ulps of {reference}: False (counts differ)"
     # Only the order of magnitude of a failure: its digits move with the machine's last bits.
     magnitude = 10.0 ** math.floor(math.log10(result.max_ulps))
-    return f"{where}: within {ulps:g} ulps of torch.optim: False (more than {magnitude:.0e} ulps)"
+    return f"{where}: within {ulps:g} ulps of {reference}: False (more than {magnitude:.0e} ulps)"
