@@ -2,7 +2,7 @@
 
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
-Those that torch.optim lacks (`Lion`) follow the reference package their users install.
+Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -24,6 +24,7 @@ from optlib.optimizer import Optimizer
 from optlib.radam import RAdam
 from optlib.rmsprop import RMSprop
 from optlib.rprop import Rprop
+from optlib.schedule_free import AdamWScheduleFree, SGDScheduleFree
 from optlib.sgd import SGD
 from optlib.sparse_adam import SparseAdam
 
@@ -34,6 +35,7 @@ __all__ = [
     "Adam",
     "Adamax",
     "AdamW",
+    "AdamWScheduleFree",
     "ASGD",
     "LBFGS",
     "Lion",
@@ -44,6 +46,7 @@ __all__ = [
     "RMSprop",
     "Rprop",
     "SGD",
+    "SGDScheduleFree",
     "SparseAdam",
     "lr_scheduler",
 ]

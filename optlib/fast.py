@@ -121,8 +121,9 @@ def compiled_update(optimizer, params: list[Tensor], settings: dict) -> None:
     update = type(optimizer)._update
     with torch._dynamo.config.patch(**_COMPILE_OPTIONS):
         for key, (bucket, states, t) in buckets.items():
-            lr = _scalar(settings["lr"], bucket[0])
-            bucket_settings = {**settings, "lr": lr}
+            bucket_settings = dict(settings)
+            for name in ("lr", *optimizer.per_step_settings):
+                bucket_settings[name] = _scalar(settings[name], bucket[0])
             if t is not None:  # an integer: a symbol, not a constant
                 bucket_settings["step"] = int(t)
             if key[0] == "as it is":

@@ -120,6 +120,10 @@ class Optimizer(torch.optim.Optimizer):
     elementwise = True
     # Group settings that checkpoints from older torch versions may lack, with their defaults.
     checkpoint_defaults: dict = {}
+    # Settings besides lr that change from step to step (Schedule-Free's averaging weight): the
+    # fast path passes them to the compiled update as tensors, so that a new value does not
+    # compile it again.
+    per_step_settings: tuple = ()
 
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)

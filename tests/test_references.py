@@ -7,6 +7,7 @@ import inspect
 
 import lion_pytorch
 import pytest
+import schedulefree
 import torch
 from optim_helpers import TOL, checkpoint_continues, clone_params, grid, make_params, max_diff, run
 
@@ -26,9 +27,48 @@ REFERENCES = {
         ),
         dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.1),
     ),
+    "SGDScheduleFree": (
+        optlib.SGDScheduleFree,
+        schedulefree.SGDScheduleFree,
+        grid(
+            lr=[1.0, 0.05],
+            momentum=[0.9, 0.5],
+            weight_decay=[0, 0.1],
+            warmup_steps=[0, 10],
+            r=[0.0, 1.0],
+            weight_lr_power=[2, 0.0],
+            foreach=[False],
+        ),
+        dict(lr=0.05, momentum=0.9, weight_decay=0.1, warmup_steps=10, foreach=False),
+    ),
+    "AdamWScheduleFree": (
+        optlib.AdamWScheduleFree,
+        schedulefree.AdamWScheduleFree,
+        grid(
+            lr=[0.0025, 0.1],
+            betas=[(0.9, 0.999), (0.5, 0.9)],
+            eps=[1e-8, 1e-3],
+            weight_decay=[0, 0.1],
+            warmup_steps=[0, 10],
+            r=[0.0, 1.0],
+            weight_lr_power=[2.0, 0.0],
+            foreach=[False],
+        ),
+        dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.1, warmup_steps=10, foreach=False),
+    ),
 }
 NAMES = list(REFERENCES)
 SHAPES = ((4, 3), (3,), (1,))
+# The argument that selects optlib's compiled fast path (and the reference's own fast kernels).
+FAST = {"Lion": dict(use_triton=True), "SGDScheduleFree": dict(foreach=True), "AdamWScheduleFree": dict(foreach=True)}
+
+
+def make(cls, params, **kwargs):
+    """An optimizer ready to step: Schedule-Free ones are put in train mode, as their users must."""
+    opt = cls(params, **kwargs)
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
 
 
 def _label(kwargs):
@@ -42,8 +82,8 @@ def _label(kwargs):
 def test_matches_the_reference_over_the_grid(name, kwargs):
     ours, theirs, _, _ = REFERENCES[name]
     result = run_side_by_side(
-        lambda ps: ours(ps, **copy.deepcopy(kwargs)),
-        lambda ps: theirs(ps, **copy.deepcopy(kwargs)),
+        lambda ps: make(ours, ps, **copy.deepcopy(kwargs)),
+        lambda ps: make(theirs, ps, **copy.deepcopy(kwargs)),
         shapes=SHAPES,
         steps=60,
     )
@@ -68,7 +108,7 @@ def test_same_state_keys_dtypes_and_shapes(name):
     described = []
     for cls in (ours, theirs):
         params = make_params(shapes=SHAPES)
-        opt = cls(params, **typical)
+        opt = make(cls, params, **typical)
         run(opt, params, fixed_gradients(SHAPES, 2))
         described.append(
             [(k, v.dtype, v.shape) for p in params for k, v in sorted(opt.state[p].items())]
@@ -80,6 +120,7 @@ def test_same_state_keys_dtypes_and_shapes(name):
 @pytest.mark.parametrize("direction", ["optlib->optlib", "reference->optlib", "optlib->reference"])
 def test_state_dict_resumes_bit_for_bit(name, direction):
     ours, theirs, _, typical = REFERENCES[name]
+    ours, theirs = (lambda ps, **kw: make(cls, ps, **kw) for cls in (ours, theirs))
     first, second = {
         "optlib->optlib": (ours, ours),
         "reference->optlib": (theirs, ours),
@@ -95,7 +136,7 @@ def test_param_groups_with_different_hyperparameters(name):
     for cls in (ours, theirs):
         params = make_params(shapes=SHAPES)
         groups = [dict(params=params[:1], **settings[-1]), dict(params=params[1:])]
-        run(cls(groups, **typical), params, fixed_gradients(SHAPES, 30))
+        run(make(cls, groups, **typical), params, fixed_gradients(SHAPES, 30))
         results.append(params)
     assert max_diff(*results) < TOL
 
@@ -106,7 +147,7 @@ def test_a_parameter_whose_gradient_appears_later_and_the_closure(name):
     results = []
     for cls in (ours, theirs):
         params = make_params(shapes=SHAPES)
-        opt = cls(params, **typical)
+        opt = make(cls, params, **typical)
         for t, step in enumerate(fixed_gradients(SHAPES, 6)):
             for p, g in zip(params, step):
                 p.grad = g.clone() if t >= 3 or p is not params[0] else None
@@ -122,7 +163,7 @@ def test_grad_is_not_modified(name):
     grads = [torch.randn(p.shape, dtype=p.dtype) for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    opt = ours(params, **typical)
+    opt = make(ours, params, **typical)
     for _ in range(3):
         opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
@@ -132,24 +173,38 @@ def test_grad_is_not_modified(name):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_fast_path_matches_the_loop(name, dtype):
     """Compiled on buckets of tensors (a packed one and one large enough to stay where it
-    lies): the loop's results to 1e-12 in float64; in float32 a last-bit difference in c_t can
-    flip the sign of a coordinate where c_t is nearly 0, so the bound is a few steps of lr."""
+    lies): the loop's results to 1e-12 in float64 and to float32 rounding in float32, except
+    that for Lion a last-bit difference in c_t can flip the sign of a coordinate where c_t is
+    nearly 0, so its bound is a few steps of lr."""
     from optlib.fast import SMALL
 
     ours, _, _, typical = REFERENCES[name]
-    fast_flag = {"Lion": dict(use_triton=True)}[name]
     torch._dynamo.reset()
     result = run_side_by_side(
-        lambda ps: ours(ps, **typical),
-        lambda ps: ours(ps, **typical, **fast_flag),
+        lambda ps: make(ours, ps, **typical),
+        lambda ps: make(ours, ps, **typical | FAST[name]),
         shapes=((4, 3), (3,), (), (SMALL + 7,)),
         steps=20,
         dtype=dtype,
     )
     if dtype == torch.float64:
         assert result.max_param_diff < TOL and result.max_state_diff < TOL
-    else:
+    elif name == "Lion":
         assert result.max_param_diff <= 4 * typical["lr"] and result.max_state_diff < 1e-5
+    else:
+        assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-5
+
+
+@pytest.mark.parametrize("name", ["SGDScheduleFree", "AdamWScheduleFree"])
+def test_the_loop_matches_the_reference_s_foreach_kernels(name):
+    ours, theirs, _, typical = REFERENCES[name]
+    result = run_side_by_side(
+        lambda ps: make(ours, ps, **typical),
+        lambda ps: make(theirs, ps, **typical | dict(foreach=True)),
+        shapes=SHAPES,
+        steps=60,
+    )
+    assert result.max_param_diff < TOL and result.max_state_diff < TOL
 
 
 # ---------------------------------------------------------------- errors
@@ -162,6 +217,14 @@ INVALID = {
         (dict(betas=(0.9, 1.5)), "index 1"),
         (dict(params=[]), None),
     ],
+    "SGDScheduleFree": [
+        (dict(lr=-0.1), "-0.1"),
+        (dict(weight_decay=-0.1), "-0.1"),
+        (dict(momentum=0.0), "0.0"),
+        (dict(momentum=1.0), "1.0"),
+        (dict(params=[]), None),
+    ],
+    "AdamWScheduleFree": [(dict(params=[]), None)],  # the reference checks no argument
 }
 
 
@@ -180,10 +243,22 @@ def test_invalid_arguments_raise_like_the_reference(name, kwargs, text):
         assert text in str(our_error.value)
 
 
-def test_lion_refuses_negative_weight_decay_which_the_reference_accepts():
-    lion_pytorch.Lion(make_params(shapes=SHAPES), weight_decay=-0.1)
-    with pytest.raises(ValueError, match="-0.1"):
-        optlib.Lion(make_params(shapes=SHAPES), weight_decay=-0.1)
+@pytest.mark.parametrize(
+    "name, kwargs, text",
+    [
+        ("Lion", dict(weight_decay=-0.1), "-0.1"),
+        ("AdamWScheduleFree", dict(lr=-0.1), "-0.1"),
+        ("AdamWScheduleFree", dict(eps=-1e-8), "-1e-08"),
+        ("AdamWScheduleFree", dict(weight_decay=-0.1), "-0.1"),
+        ("AdamWScheduleFree", dict(betas=(0.0, 0.999)), "index 0"),
+        ("AdamWScheduleFree", dict(betas=(0.9, 1.0)), "index 1"),
+    ],
+)
+def test_optlib_refuses_nonsense_that_the_reference_accepts(name, kwargs, text):
+    ours, theirs, _, _ = REFERENCES[name]
+    theirs(make_params(shapes=SHAPES), **kwargs)
+    with pytest.raises(ValueError, match=text):
+        ours(make_params(shapes=SHAPES), **kwargs)
 
 
 # ---------------------------------------------------------------- Lion's own properties
@@ -260,3 +335,100 @@ def test_lion_settles_within_a_few_steps_of_lr_on_a_quadratic():
         (x[0] ** 2 + 100 * x[1] ** 2).backward()
         opt.step()
     assert x.abs().max() < 5e-3
+
+
+# ---------------------------------------------------------------- Schedule-Free's own properties
+
+SCHEDULE_FREE = {
+    "SGDScheduleFree": schedulefree.SGDScheduleFreeReference,
+    "AdamWScheduleFree": schedulefree.AdamWScheduleFreeReference,
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FREE)
+def test_schedule_free_eval_gives_the_average_x_and_train_gives_y_back(name, capsys):
+    """The package's simple reference keeps x, y and z as three tensors; the memory-saving form
+    keeps y (in the parameter) and z and recovers x in eval()."""
+    ours, _, _, typical = REFERENCES[name]
+    grads = fixed_gradients(SHAPES, 40)
+    params, explicit = make_params(shapes=SHAPES), make_params(shapes=SHAPES)
+    opt = make(ours, params, **typical)
+    reference = make(SCHEDULE_FREE[name], explicit, **typical)
+    run(opt, params, grads)
+    run(reference, explicit, grads)
+    assert max_diff(params, [reference.state[p]["y"] for p in explicit]) < TOL
+    opt.eval()
+    assert max_diff(params, [reference.state[p]["x"] for p in explicit]) < TOL
+    opt.train()
+    assert max_diff(params, [reference.state[p]["y"] for p in explicit]) < TOL
+    capsys.readouterr()  # the simple reference prints when it switches modes
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FREE)
+def test_schedule_free_step_outside_train_mode_raises_like_the_reference(name):
+    errors = []
+    for cls in REFERENCES[name][:2]:
+        params = make_params(shapes=SHAPES)
+        opt = cls(params)  # not in train mode
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(Exception) as error:
+            opt.step()
+        errors.append((type(error.value), str(error.value)))
+    assert errors[0] == errors[1] and "train mode" in errors[0][1]
+
+
+@pytest.mark.parametrize("name", SCHEDULE_FREE)
+def test_schedule_free_modes_switch_once_and_eval_twice_is_harmless(name):
+    ours, _, _, typical = REFERENCES[name]
+    params = make_params(shapes=SHAPES)
+    opt = make(ours, params, **typical)
+    run(opt, params, fixed_gradients(SHAPES, 10))
+    opt.eval()
+    x = clone_params(params)
+    opt.eval()
+    assert max_diff(params, x) == 0
+    opt.train()
+    opt.train()
+    opt.eval()
+    assert max_diff(params, x) < TOL
+
+
+def test_schedule_free_weights_make_x_the_plain_mean_of_the_z_after_warm_up():
+    """With r = 0 and a constant rate, c_{t+1} = 1/(t+1) (the first z is x_1 itself): x is the
+    running mean of z_1, ..., z_{t+1}."""
+    group = dict(lr=0.1, k=0, warmup_steps=0, r=0.0, weight_lr_power=2.0, weight_sum=0.0, lr_max=-1.0)
+    weights = [optlib.schedule_free.averaging_weight(group)["ckp1"] for _ in range(5)]
+    assert weights == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5], rel=1e-15)
+    assert group["k"] == 5
+
+
+def test_schedule_free_warm_up_ramps_the_rate_and_weighs_early_steps_less():
+    group = dict(lr=0.1, k=0, warmup_steps=4, r=0.0, weight_lr_power=2.0, weight_sum=0.0, lr_max=-1.0)
+    steps = [optlib.schedule_free.averaging_weight(group) for _ in range(6)]
+    assert [s["lr"] for s in steps] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1], rel=1e-15)
+    weights = [s["ckp1"] for s in steps]
+    # weight of step t: lr_max^2; c = weight / running sum
+    sums = torch.tensor([0.025, 0.05, 0.075, 0.1, 0.1, 0.1], dtype=torch.float64).pow(2).cumsum(0)
+    expected = torch.tensor([0.025, 0.05, 0.075, 0.1, 0.1, 0.1], dtype=torch.float64).pow(2) / sums
+    assert weights == pytest.approx(expected.tolist(), rel=1e-12)
+
+
+def test_adamw_schedule_free_differs_from_the_paper_s_form_as_its_docstring_says():
+    results = []
+    for cls in (schedulefree.AdamWScheduleFree, schedulefree.AdamWScheduleFreePaper):
+        params = make_params(shapes=SHAPES)
+        run(make(cls, params, lr=0.01, foreach=False), params, fixed_gradients(SHAPES, 20))
+        results.append(params)
+    assert max_diff(*results) > 1e-4
+
+
+def test_schedule_free_sgd_converges_on_a_quadratic_at_a_constant_rate():
+    x = torch.tensor([3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    opt = make(optlib.SGDScheduleFree, [x], lr=0.01, foreach=False)
+    for _ in range(3000):
+        opt.zero_grad()
+        (x[0] ** 2 + 10 * x[1] ** 2).backward()
+        opt.step()
+    opt.eval()
+    assert x.abs().max() < 1e-2
