@@ -2,7 +2,7 @@
 
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
-Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`) follow the reference package their users install.
+Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`, `Prodigy`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -21,6 +21,7 @@ from optlib.lion import Lion
 from optlib.muon import Muon
 from optlib.nadam import NAdam
 from optlib.optimizer import Optimizer
+from optlib.prodigy import Prodigy
 from optlib.radam import RAdam
 from optlib.rmsprop import RMSprop
 from optlib.rprop import Rprop
@@ -42,6 +43,7 @@ __all__ = [
     "Muon",
     "NAdam",
     "Optimizer",
+    "Prodigy",
     "RAdam",
     "RMSprop",
     "Rprop",

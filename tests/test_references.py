@@ -6,6 +6,7 @@ import copy
 import inspect
 
 import lion_pytorch
+import prodigyopt
 import pytest
 import schedulefree
 import torch
@@ -55,6 +56,24 @@ REFERENCES = {
             foreach=[False],
         ),
         dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.1, warmup_steps=10, foreach=False),
+    ),
+    "Prodigy": (
+        optlib.Prodigy,
+        prodigyopt.Prodigy,
+        grid(
+            betas=[(0.9, 0.999), (0.0, 0.99)],
+            weight_decay=[0, 0.1],
+            decouple=[True, False],
+            use_bias_correction=[False, True],
+            safeguard_warmup=[False, True],
+        )
+        + [
+            dict(lr=0.5, beta3=0.9, d0=1e-3),
+            dict(d_coef=0.5, growth_rate=1.02, eps=1e-3),
+            dict(slice_p=2, weight_decay=0.1, decouple=False),
+            dict(lr=1.0, eps=1e-4, weight_decay=0.01, d0=1e-4, safeguard_warmup=True, slice_p=3),
+        ],
+        dict(lr=1.0, weight_decay=0.1, d0=1e-4, decouple=False),  # L2: the reference writes p.grad
     ),
 }
 NAMES = list(REFERENCES)
@@ -111,7 +130,11 @@ def test_same_state_keys_dtypes_and_shapes(name):
         opt = make(cls, params, **typical)
         run(opt, params, fixed_gradients(SHAPES, 2))
         described.append(
-            [(k, v.dtype, v.shape) for p in params for k, v in sorted(opt.state[p].items())]
+            [
+                (k, v.dtype, v.shape) if torch.is_tensor(v) else (k, type(v))  # Prodigy's int step
+                for p in params
+                for k, v in sorted(opt.state[p].items())
+            ]
         )
     assert described[0] == described[1]
 
@@ -169,7 +192,7 @@ def test_grad_is_not_modified(name):
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FAST)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_fast_path_matches_the_loop(name, dtype):
     """Compiled on buckets of tensors (a packed one and one large enough to stay where it
@@ -225,6 +248,14 @@ INVALID = {
         (dict(params=[]), None),
     ],
     "AdamWScheduleFree": [(dict(params=[]), None)],  # the reference checks no argument
+    "Prodigy": [
+        (dict(d0=0.0), "d0"),
+        (dict(lr=0.0), "learning rate"),
+        (dict(eps=0.0), "epsilon"),
+        (dict(betas=(1.0, 0.999)), "index 0"),
+        (dict(betas=(0.9, -0.1)), "index 1"),
+        (dict(params=[]), None),
+    ],
 }
 
 
@@ -252,6 +283,8 @@ def test_invalid_arguments_raise_like_the_reference(name, kwargs, text):
         ("AdamWScheduleFree", dict(weight_decay=-0.1), "-0.1"),
         ("AdamWScheduleFree", dict(betas=(0.0, 0.999)), "index 0"),
         ("AdamWScheduleFree", dict(betas=(0.9, 1.0)), "index 1"),
+        ("Prodigy", dict(weight_decay=-0.1), "-0.1"),
+        ("Prodigy", dict(slice_p=0), "slice_p"),
     ],
 )
 def test_optlib_refuses_nonsense_that_the_reference_accepts(name, kwargs, text):
@@ -432,3 +465,57 @@ def test_schedule_free_sgd_converges_on_a_quadratic_at_a_constant_rate():
         opt.step()
     opt.eval()
     assert x.abs().max() < 1e-2
+
+
+# ---------------------------------------------------------------- Prodigy's own properties
+
+
+def test_prodigy_refuses_different_rates_per_group_except_zero_like_the_reference():
+    for cls in (optlib.Prodigy, prodigyopt.Prodigy):
+        params = make_params(shapes=SHAPES)
+        for p, g in zip(params, fixed_gradients(SHAPES, 1)[0]):
+            p.grad = g
+        with pytest.raises(RuntimeError, match="different lr"):
+            cls([dict(params=params[:1], lr=0.5), dict(params=params[1:])]).step()
+
+
+def test_prodigy_a_group_at_rate_zero_behaves_as_in_the_reference():
+    """A group at lr 0 adds nothing to the estimate, but (as in the reference) still takes the
+    decoupled decay and, with beta1 = 0, a gradient step at the shared rate."""
+    for kwargs in [dict(weight_decay=0.1), dict(betas=(0.0, 0.999))]:
+        results = []
+        for cls in (optlib.Prodigy, prodigyopt.Prodigy):
+            params = make_params(shapes=SHAPES)
+            opt = cls([dict(params=params[:1], lr=0.0), dict(params=params[1:])], d0=1e-3, **kwargs)
+            run(opt, params, fixed_gradients(SHAPES, 30))
+            results.append(params)
+        assert max_diff(*results) < TOL
+
+
+def test_prodigy_fsdp_is_not_supported():
+    with pytest.raises(NotImplementedError):
+        optlib.Prodigy(make_params(shapes=SHAPES), fsdp_in_use=True)
+
+
+def test_prodigy_estimate_grows_with_the_distance_and_the_defaults_reach_the_minimum():
+    """On f(x) = ½‖x - x*‖² from x = 0, with D = ‖x*‖ from 0.1 to 10, the estimate d starts at
+    d0 = 1e-6, never decreases and ends proportional to D (the same fraction of D to within
+    20%), and the default settings come within 1e-4 D of the minimum in 300 steps: no rate
+    to tune for the scale of the problem."""
+    fractions = []
+    for distance in [0.1, 1.0, 10.0]:
+        gen = torch.Generator().manual_seed(0)
+        target = torch.randn(20, generator=gen, dtype=torch.float64)
+        target *= distance / target.norm()
+        x = torch.zeros(20, dtype=torch.float64, requires_grad=True)
+        opt = optlib.Prodigy([x])
+        estimates = []
+        for _ in range(300):
+            opt.zero_grad()
+            (0.5 * (x - target).pow(2).sum()).backward()
+            opt.step()
+            estimates.append(opt.param_groups[0]["d"])
+        assert all(b >= a for a, b in zip(estimates, estimates[1:]))
+        assert (x - target).norm() < 1e-4 * distance
+        fractions.append(estimates[-1] / distance)
+    assert max(fractions) < 1.2 * min(fractions)

@@ -439,10 +439,10 @@ def test_torch_code_runs_unchanged_with_optlib_as_optim():
 def test_import_optlib_needs_only_torch(monkeypatch):
     class Forbid:  # an import hook that refuses the experiment kit and its dependencies
         def find_spec(self, name, path=None, target=None):
-            if name.startswith(("optlib.bench", "matplotlib", "sklearn", "lion_pytorch", "schedulefree")):
+            if name.startswith(("optlib.bench", "matplotlib", "sklearn", "lion_pytorch", "schedulefree", "prodigyopt")):
                 raise ImportError(f"optlib imported {name}")
 
-    kit = ("optlib", "matplotlib", "sklearn", "lion_pytorch", "schedulefree")
+    kit = ("optlib", "matplotlib", "sklearn", "lion_pytorch", "schedulefree", "prodigyopt")
     for name in [n for n in sys.modules if n.partition(".")[0] in kit]:
         monkeypatch.delitem(sys.modules, name)  # restored after the test
     monkeypatch.setattr(sys, "meta_path", [Forbid(), *sys.meta_path])
