@@ -49,15 +49,18 @@ def test_stored_text_is_the_shipped_corpus(stored):
 
 @pytest.mark.numerics
 def test_a_stored_row_is_reproduced(stored):
-    # Another CPU, thread count or torch rounds the last bits of a float64 run differently; over
-    # this run that moves the numbers by about 1e-15 relative. The tolerance leaves room for that
-    # and for nothing a change of code would cause.
+    # Another CPU, thread count or torch rounds the last bits differently. The run is float64, but
+    # its initial weights are drawn in float32 (nn.Linear's default) and cast: ATen's scalar
+    # kernels (ATEN_CPU_CAPABILITY=default) draw 14 of these 20 weights a few float32 ulps apart
+    # from its vector kernels, which moves the curve by 5e-9 relative (by 1e-15 under the other
+    # kernels and thread counts). The tolerance leaves room for that, and a change of the code
+    # moves these numbers by far more.
     row = stored["tasks"]["quadratic"]["optimizers"]["Momentum"]
     again = study.run("quadratic", "Momentum", row["chosen_lr"], study.SEEDS[0], "test")
     expected = row["seeds"][str(study.SEEDS[0])]
-    assert again["metrics"] == pytest.approx(expected, rel=1e-9)
+    assert again["metrics"] == pytest.approx(expected, rel=1e-7)
     curve = row["curves"][str(study.SEEDS[0])]["train_loss"]
-    assert again["curve"]["train_loss"] == pytest.approx(curve, rel=1e-9)
+    assert again["curve"]["train_loss"] == pytest.approx(curve, rel=1e-7)
 
 
 @pytest.mark.parametrize("task_name", list(study.TASKS))
