@@ -54,8 +54,23 @@ def test_a_small_run_times_every_implementation():
     assert len(lines) == len(timings) + 1 and "ms/step" in lines[0]
 
 
-def test_every_optimizer_of_torch_optim_is_benchmarked():
-    assert set(speed.OPTIMIZERS) == {n for n in torch.optim.__all__ if n[0].isupper()} - {"Optimizer"}
+def test_every_optimizer_of_optlib_is_benchmarked():
+    assert set(speed.OPTIMIZERS) == {n for n in optlib.__all__ if n[0].isupper()} - {"Optimizer"}
+    assert {n for n in torch.optim.__all__ if n[0].isupper()} - {"Optimizer"} <= set(speed.OPTIMIZERS)
+
+
+def test_the_optimizers_torch_lacks_are_timed_against_their_packages():
+    names = ["Lion", "SGDScheduleFree", "Prodigy"]
+    timings, _ = speed.run(names, cases=["many small"], scale=64, devices=["cpu"], progress=False)
+    labels = {(t.optimizer, t.implementation) for t in timings}
+    assert labels == {
+        ("Lion", "lion-pytorch"), ("Lion", "optlib"), ("Lion", "optlib fast"),
+        ("SGDScheduleFree", "schedulefree"), ("SGDScheduleFree", "schedulefree foreach"),
+        ("SGDScheduleFree", "optlib"), ("SGDScheduleFree", "optlib fast"),
+        ("Prodigy", "prodigyopt"), ("Prodigy", "optlib"),
+    }  # fmt: skip
+    rows = speed.table(timings).splitlines()[1:]
+    assert all(("n/a" in row) == row.startswith("Prodigy") for row in rows)
 
 
 def test_the_optimizers_with_special_parameters_are_timed():
@@ -71,5 +86,5 @@ def test_the_optimizers_with_special_parameters_are_timed():
     assert muon.tensors == len(speed.CASES["many small"](64)) // 2  # the matrices only
     # The bytes model is for element-wise updates: the table gives no floor or bytes for these.
     for line in speed.table(timings).splitlines()[1:]:
-        special = line.split()[0] in speed.SPECIAL_PARAMETERS
+        special = line.split()[0] in speed.NOT_ONE_PASS
         assert ("n/a" in line) == special, line

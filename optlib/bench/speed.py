@@ -20,6 +20,7 @@ The table goes to the terminal, and all numbers to a JSON file with ``--json``.
 import argparse
 import dataclasses
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -66,11 +67,27 @@ OPTIMIZERS = {
     "Muon": (dict(lr=0.02), None),
     "SparseAdam": (dict(lr=1e-3), None),
     "LBFGS": (dict(lr=1.0, max_iter=1, history_size=10), None),
+    "Lion": (dict(lr=1e-4), "use_triton"),
+    "SGDScheduleFree": (dict(lr=1.0), "foreach"),
+    "AdamWScheduleFree": (dict(lr=2.5e-3), "foreach"),
+    "Prodigy": (dict(lr=1.0), None),
+}
+# The optimizers that torch.optim lacks, timed against the package optlib's twin follows
+# (module, label in the table); the others against torch.optim.
+REFERENCE_PACKAGES = {
+    "Lion": ("lion_pytorch", "lion-pytorch"),
+    "SGDScheduleFree": ("schedulefree", "schedulefree"),
+    "AdamWScheduleFree": ("schedulefree", "schedulefree"),
+    "Prodigy": ("prodigyopt", "prodigyopt"),
 }
 # The optimizers that need other parameters or gradients than the rest: Muon takes matrices
 # only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
 # each tensor), and L-BFGS a closure (the gradient of a quadratic, computed without autograd).
 SPECIAL_PARAMETERS = {"Muon": "matrices", "SparseAdam": "sparse rows", "LBFGS": "closure"}
+# Where the bytes model of `bytes_per_parameter` (one pass over parameter, gradient and state of
+# the parameter's shape) does not describe a step: those three, and Prodigy, which passes over
+# the tensors twice and keeps flattened statistics.
+NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy"}
 
 # Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
 # of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
@@ -174,13 +191,16 @@ def bytes_per_parameter(optimizer: torch.optim.Optimizer) -> int:
 
 
 def _implementations(name: str, fast_flag: str | None) -> dict:
-    torch_cls, optlib_cls = getattr(torch.optim, name), getattr(optlib, name)
-    flags = inspect.signature(torch_cls).parameters
-    implementations = {"torch": (torch_cls, dict(foreach=False) if "foreach" in flags else {})}
+    """The reference's implementations (torch.optim's, or the package's for an optimizer torch
+    lacks: its default loop first, then its foreach and fused variants), then optlib's."""
+    module, label = REFERENCE_PACKAGES.get(name, ("torch.optim", "torch"))
+    reference, optlib_cls = getattr(importlib.import_module(module), name), getattr(optlib, name)
+    flags = inspect.signature(reference).parameters
+    implementations = {label: (reference, dict(foreach=False) if "foreach" in flags else {})}
     if "foreach" in flags:
-        implementations["torch foreach"] = (torch_cls, dict(foreach=True))
+        implementations[f"{label} foreach"] = (reference, dict(foreach=True))
     if "fused" in flags:
-        implementations["torch fused"] = (torch_cls, dict(fused=True))
+        implementations[f"{label} fused"] = (reference, dict(fused=True))
     implementations["optlib"] = (optlib_cls, {})
     if fast_flag is not None:
         implementations["optlib fast"] = (optlib_cls, {fast_flag: True})
@@ -206,6 +226,8 @@ def _time_one(name, cls, flags, settings, shapes, device, bandwidth) -> dict | N
     params = _parameters(shapes, device, kind)
     try:
         opt = cls(params, **settings, **flags)
+        if hasattr(opt, "train"):  # Schedule-Free steps only in train mode
+            opt.train()
         step = opt.step
         if kind == "closure":  # L-BFGS evaluates the objective itself: ½ Σ θ²
             def closure():
@@ -280,17 +302,20 @@ def run(
 
 def table(timings: list[Timing]) -> str:
     """The timings as a text table, one row per optimizer, case, device and implementation,
-    with each time relative to torch's default and to its fastest variant."""
+    with each time relative to the reference's default implementation (``vs torch``:
+    torch.optim's, or for an optimizer torch lacks its package's, see REFERENCE_PACKAGES) and to
+    the reference's fastest variant (``vs best``)."""
     rows = [
         f"{'optimizer':10} {'case':10} {'device':6} {'implementation':14} {'ms/step':>8} "
         f"{'vs torch':>8} {'vs best':>7} {'floor':>5} {'B/param':>7} {'extra MB':>8} {'compile s':>9}"
     ]
     for t in timings:
         same = [u for u in timings if (u.optimizer, u.case, u.device) == (t.optimizer, t.case, t.device)]
-        torch_default = next(u for u in same if u.implementation == "torch").seconds_per_step
-        torch_best = min(u.seconds_per_step for u in same if u.implementation.startswith("torch"))
+        references = [u for u in same if not u.implementation.startswith("optlib")]
+        torch_default = references[0].seconds_per_step  # the reference's default loop
+        torch_best = min(u.seconds_per_step for u in references)
         compile_s = "" if t.compile_seconds is None else f"{t.compile_seconds:.1f}"
-        if t.optimizer in SPECIAL_PARAMETERS:  # not element-wise: the bytes model does not apply
+        if t.optimizer in NOT_ONE_PASS:  # the bytes model does not apply
             floor, bytes_per_parameter = "n/a", "n/a"
         else:
             floor, bytes_per_parameter = f"{t.fraction_of_floor:.2f}", f"{t.bytes_per_parameter:d}"
