@@ -53,8 +53,8 @@ class Lion(Optimizer):
             &\rule{110mm}{0.4pt}                                                          \\[-1.ex]
        \end{aligned}
 
-    Every coordinate moves by exactly :math:`\gamma` (plus the decay): the sign throws away the
-    magnitude that Adam divides out with :math:`\sqrt{v_t}`. The step direction interpolates with
+    Every coordinate whose :math:`c_t` is not 0 moves by exactly :math:`\gamma` (plus the decay):
+    the sign throws away the magnitude that Adam divides out with :math:`\sqrt{v_t}`. The step direction interpolates with
     :math:`\beta_1`, the stored momentum with the larger :math:`\beta_2`, so the step reacts
     faster to the current gradient than the memory it keeps. One state tensor per parameter,
     ``exp_avg`` (:math:`m`), half of Adam's; no step count.
@@ -74,9 +74,11 @@ class Lion(Optimizer):
 
     .. note::
         This class follows lion-pytorch 0.2.5 (lucidrains), the package most Lion users
-        install, which follows the paper's Program 1: the decay is applied as
-        :math:`\theta \leftarrow (1 - \gamma\lambda)\theta` before the sign step, the same
-        :math:`\theta_t` as the algorithm above. Its checks are assertions, so its bad
+        install, which follows the authors' PyTorch code: the decay is applied as
+        :math:`\theta \leftarrow (1 - \gamma\lambda)\theta` before the sign step. That is the
+        :math:`\theta_t` of the algorithm above (and of the paper's Program 1, which computes
+        :math:`\gamma(\operatorname{sign}(c_t) + \lambda\theta)` in one expression) in exact
+        arithmetic, rounded in another order. Its checks are assertions, so its bad
         arguments raise ``AssertionError``; optlib raises the same type (explicitly, so that
         ``python -O`` keeps the check) with a message naming the value, and also refuses a
         negative ``weight_decay`` with torch's ``ValueError``, which lion-pytorch accepts.
