@@ -8,11 +8,17 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 
 .PHONY: book test unit notebooks pages execute clean perturbed
 
+# Matplotlib's font cache in this venv, built once at set-up: the user-wide cache can list the fonts
+# of another matplotlib installation, and one whose fonts are gone (a deleted venv) makes every
+# first plot of a notebook warn "findfont: ... not found" on stderr, which nbval compares.
+export MPLCONFIGDIR := $(CURDIR)/$(VENV)/matplotlib
+
 # Re-install only when the pins or the package metadata change.
 $(READY): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import matplotlib.font_manager"
 	touch $(READY)
 
 # The HTML book in _build/html, from the outputs stored in the notebooks; any warning fails it.
