@@ -52,13 +52,19 @@ perturb.scalar  := ATEN_CPU_CAPABILITY=default
 perturb.avx2    := ATEN_CPU_CAPABILITY=avx2
 perturb.mkl     := MKL_CBWR=COMPATIBLE
 perturb.threads := OMP_NUM_THREADS=3
-PERTURBED_CACHE := $(or $(TMPDIR),/tmp)/optlib-inductor
 perturbed: $(addprefix perturbed-,$(PERTURBATIONS))
-# Each perturbation compiles into an inductor cache of its own: inductor's cache does not tell
-# ATEN_CPU_CAPABILITY apart, and a kernel cached under one instruction set fails to build under another.
+# The perturbations that change the instruction set or the threads compile into an inductor cache of
+# their own: inductor's cache does not tell ATEN_CPU_CAPABILITY apart, and a kernel cached under one
+# instruction set fails to build under another. `ulp` and `mkl` share the unperturbed cache, so that
+# `make test` compiles each kernel once: `ulp` pauses while compiled code runs, and MKL is called by
+# compiled code at run time, never compiled into it.
+PERTURBED_CACHE := $(or $(TMPDIR),/tmp)/optlib-inductor
+cache.scalar    := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-scalar
+cache.avx2      := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-avx2
+cache.threads   := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-threads
 perturbed-%: $(READY)
-	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-$* $(perturb.$*) $(BIN)/python -m pytest $(XDIST) -m numerics tests
-	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-$* $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) -m numerics tests
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
 
 # The page check needs Debian's Chromium (.ci/run installs it); without it `make test` says so and
 # skips only that step.
