@@ -2,7 +2,8 @@
 
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
-Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`, `Prodigy`) follow the reference package their users install.
+Those that torch.optim lacks (`Lion`, `SGDScheduleFree`,
+`AdamWScheduleFree`, `Prodigy`, `AdEMAMix`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -13,6 +14,7 @@ from optlib.adadelta import Adadelta
 from optlib.adafactor import Adafactor
 from optlib.adagrad import Adagrad
 from optlib.adam import Adam
+from optlib.ademamix import AdEMAMix
 from optlib.adamax import Adamax
 from optlib.adamw import AdamW
 from optlib.asgd import ASGD
@@ -37,6 +39,7 @@ __all__ = [
     "Adamax",
     "AdamW",
     "AdamWScheduleFree",
+    "AdEMAMix",
     "ASGD",
     "LBFGS",
     "Lion",

@@ -4,10 +4,12 @@ every argument (60 steps, bit for bit), with checkpoints that move between the t
 
 import copy
 import inspect
+import math
 
 import lion_pytorch
 import prodigyopt
 import pytest
+import pytorch_optimizer
 import schedulefree
 import torch
 from optim_helpers import TOL, checkpoint_continues, clone_params, grid, make_params, max_diff, run
@@ -75,11 +77,38 @@ REFERENCES = {
         ],
         dict(lr=1.0, weight_decay=0.1, d0=1e-4, decouple=False),  # L2: the reference writes p.grad
     ),
+    "AdEMAMix": (
+        optlib.AdEMAMix,
+        pytorch_optimizer.AdEMAMix,
+        [
+            dict(foreach=False, **kwargs)
+            for kwargs in grid(
+                lr=[1e-3, 3e-2],
+                betas=[(0.9, 0.999, 0.9999), (0.5, 0.9, 0.99)],
+                alpha=[5.0, 0.5],
+                t_alpha_beta3=[None, 25],
+                weight_decay=[0.0, 0.1],
+            )
+            + [
+                dict(weight_decay=0.1, weight_decouple=True),
+                dict(weight_decay=0.01, weight_decouple=True, fixed_decay=True),
+                dict(maximize=True, weight_decay=0.1),
+                dict(betas=(0.0, 0.99, 1.0), eps=1e-3, alpha=0.0),
+                dict(betas=(0.9, 0.999, 0.999), t_alpha_beta3=100, eps=0.0),
+            ]
+        ],
+        dict(lr=1e-2, weight_decay=0.1, t_alpha_beta3=20, foreach=False),  # L2: the reference writes p.grad
+    ),
 }
 NAMES = list(REFERENCES)
 SHAPES = ((4, 3), (3,), (1,))
 # The argument that selects optlib's compiled fast path (and the reference's own fast kernels).
-FAST = {"Lion": dict(use_triton=True), "SGDScheduleFree": dict(foreach=True), "AdamWScheduleFree": dict(foreach=True)}
+FAST = {
+    "Lion": dict(use_triton=True),
+    "SGDScheduleFree": dict(foreach=True),
+    "AdamWScheduleFree": dict(foreach=True),
+    "AdEMAMix": dict(foreach=True),
+}
 
 
 def make(cls, params, **kwargs):
@@ -219,12 +248,14 @@ def test_the_fast_path_matches_the_loop(name, dtype):
         assert result.max_param_diff < 1e-5 and result.max_state_diff < 1e-5
 
 
-@pytest.mark.parametrize("name", ["SGDScheduleFree", "AdamWScheduleFree"])
+@pytest.mark.parametrize("name", ["SGDScheduleFree", "AdamWScheduleFree", "AdEMAMix"])
 def test_the_loop_matches_the_reference_s_foreach_kernels(name):
+    """The reference's own multi-tensor path (AdEMAMix's default, foreach=None) against our loop:
+    the same arithmetic through other kernels, equal to float64 rounding."""
     ours, theirs, _, typical = REFERENCES[name]
     result = run_side_by_side(
         lambda ps: make(ours, ps, **typical),
-        lambda ps: make(theirs, ps, **typical | dict(foreach=True)),
+        lambda ps: make(theirs, ps, **typical | dict(foreach=None if name == "AdEMAMix" else True)),
         shapes=SHAPES,
         steps=60,
     )
@@ -257,6 +288,16 @@ INVALID = {
         (dict(betas=(0.9, -0.1)), "index 1"),
         (dict(params=[]), None),
     ],
+    "AdEMAMix": [
+        (dict(betas=(1.0, 0.999, 0.9999)), "index 0"),
+        (dict(betas=(0.9, -0.1, 0.9999)), "index 1"),
+        (dict(betas=(0.9, 0.999, 1.5)), "index 2"),
+        (dict(weight_decay=-0.1), "-0.1"),
+        (dict(alpha=-1.0), "-1.0"),
+        (dict(eps=-1e-8), "-1e-08"),
+        (dict(t_alpha_beta3=-5), "-5"),
+        (dict(params=[]), None),
+    ],
 }
 
 
@@ -286,6 +327,8 @@ def test_invalid_arguments_raise_like_the_reference(name, kwargs, text):
         ("AdamWScheduleFree", dict(betas=(0.9, 1.0)), "index 1"),
         ("Prodigy", dict(weight_decay=-0.1), "-0.1"),
         ("Prodigy", dict(slice_p=0), "slice_p"),
+        ("AdEMAMix", dict(betas=(0.0, 0.999, 0.9999), t_alpha_beta3=10), "t_alpha_beta3"),
+        ("AdEMAMix", dict(betas=(0.9, 0.999, 0.0), t_alpha_beta3=10), "t_alpha_beta3"),
     ],
 )
 def test_optlib_refuses_nonsense_that_the_reference_accepts(name, kwargs, text):
@@ -520,3 +563,85 @@ def test_prodigy_estimate_grows_with_the_distance_and_the_defaults_reach_the_min
         assert (x - target).norm() < 1e-4 * distance
         fractions.append(estimates[-1] / distance)
     assert max(fractions) < 1.2 * min(fractions)
+
+
+# ---------------------------------------------------------------- AdEMAMix's own properties
+
+
+@pytest.mark.parametrize(
+    "decay, adam",
+    [
+        (dict(), lambda ps: optlib.Adam(ps, lr=0.01, betas=(0.9, 0.99))),
+        (dict(weight_decay=0.1), lambda ps: optlib.Adam(ps, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)),
+        (
+            dict(weight_decay=0.1, weight_decouple=True),
+            lambda ps: optlib.AdamW(ps, lr=0.01, betas=(0.9, 0.99), weight_decay=0.1),
+        ),
+    ],
+)
+def test_ademamix_without_the_slow_momentum_is_adam(decay, adam):
+    """α = 0 leaves m̂1 / (√ν̂ + ε): Adam with L2 decay by default, AdamW with weight_decouple."""
+    grads = fixed_gradients(SHAPES, 40)
+    results = []
+    for make_optimizer in [lambda ps: optlib.AdEMAMix(ps, lr=0.01, betas=(0.9, 0.99, 0.999), alpha=0.0, **decay), adam]:
+        params = make_params(shapes=SHAPES)
+        run(make_optimizer(params), params, grads)
+        results.append(params)
+    assert max_diff(*results) < TOL
+
+
+def test_ademamix_warm_up_grows_alpha_linearly_and_the_half_life_of_beta3_linearly():
+    """The paper's schedulers: α_t = α t / T, and β3,t the rate whose half-life ln(1/2)/ln β
+    moves linearly from β1's to β3's; both stay at their final values after T."""
+    from optlib.ademamix import ademamix_schedule
+
+    beta1, beta3, alpha, warmup = 0.9, 0.9999, 5.0, 1000
+
+    def half_life(beta):
+        return math.log(0.5) / math.log(beta)
+
+    for t in [1, 10, 250, 500, 999, 1000, 5000]:
+        alpha_t, beta3_t = ademamix_schedule(t, alpha=alpha, beta1=beta1, beta3=beta3, t_alpha_beta3=warmup)
+        fraction = min(t / warmup, 1.0)
+        assert alpha_t == pytest.approx(alpha * fraction, rel=1e-12)
+        expected = (1 - fraction) * half_life(beta1) + fraction * half_life(beta3)
+        assert half_life(beta3_t) == pytest.approx(expected, rel=1e-9)
+    assert ademamix_schedule(7, alpha=alpha, beta1=beta1, beta3=beta3, t_alpha_beta3=None) == (alpha, beta3)
+
+
+def test_ademamix_slow_momentum_keeps_old_gradients_that_adam_forgets():
+    """2000 steps of gradient 1, then gradient 0. Over steps 2100 to 2200, Adam's momentum holds
+    0.9^100 ≈ 3e-5 of the old gradients and it barely moves; AdEMAMix's slow average still holds
+    (1 - 0.9999^2000) 0.9999^100 ≈ 0.18 of them, and α = 5 times that over √ν̂ ≈ 0.9 makes steps
+    of about lr: it keeps moving the way the old gradients pointed."""
+    moved = {}
+    for name, make_optimizer in [
+        ("Adam", lambda ps: optlib.Adam(ps, lr=0.01)),
+        ("AdEMAMix", lambda ps: optlib.AdEMAMix(ps, lr=0.01)),
+    ]:
+        weight = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = make_optimizer([weight])
+        for t in range(2200):
+            weight.grad = torch.full_like(weight, 1.0 if t < 2000 else 0.0)
+            opt.step()
+            if t == 2099:
+                before = weight.item()
+        moved[name] = before - weight.item()  # how far the last 100 steps moved
+    assert 0 <= moved["Adam"] < 1e-5
+    assert 0.5 < moved["AdEMAMix"] < 2.0
+
+
+def test_ademamix_errors_where_the_reference_raises_its_own_classes():
+    params = make_params(shapes=SHAPES)
+    with pytest.raises(pytorch_optimizer.base.exception.NegativeLRError):
+        pytorch_optimizer.AdEMAMix(params, lr=-1e-3)
+    with pytest.raises(ValueError, match="-0.001"):
+        optlib.AdEMAMix(params, lr=-1e-3)
+    with pytest.raises(NotImplementedError, match="cautious"):
+        optlib.AdEMAMix(params, cautious=True)
+    param = torch.zeros(3, dtype=torch.complex128, requires_grad=True)
+    param.grad = torch.ones_like(param)
+    with pytest.raises(pytorch_optimizer.base.exception.NoComplexParameterError):
+        pytorch_optimizer.AdEMAMix([param]).step()
+    with pytest.raises(RuntimeError, match="complex"):
+        optlib.AdEMAMix([param]).step()

@@ -71,6 +71,7 @@ OPTIMIZERS = {
     "SGDScheduleFree": (dict(lr=1.0), "foreach"),
     "AdamWScheduleFree": (dict(lr=2.5e-3), "foreach"),
     "Prodigy": (dict(lr=1.0), None),
+    "AdEMAMix": (dict(lr=1e-3), "foreach"),
 }
 # The optimizers that torch.optim lacks, timed against the package optlib's twin follows
 # (module, label in the table); the others against torch.optim.
@@ -79,6 +80,7 @@ REFERENCE_PACKAGES = {
     "SGDScheduleFree": ("schedulefree", "schedulefree"),
     "AdamWScheduleFree": ("schedulefree", "schedulefree"),
     "Prodigy": ("prodigyopt", "prodigyopt"),
+    "AdEMAMix": ("pytorch_optimizer", "pytorch-optimizer"),
 }
 # The optimizers that need other parameters or gradients than the rest: Muon takes matrices
 # only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
