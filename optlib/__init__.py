@@ -3,7 +3,7 @@
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
 Those that torch.optim lacks (`Lion`, `SGDScheduleFree`,
-`AdamWScheduleFree`, `Prodigy`, `AdEMAMix`) follow the reference package their users install.
+`AdamWScheduleFree`, `Prodigy`, `AdEMAMix`, `Lamb`, `LARS`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -18,6 +18,8 @@ from optlib.ademamix import AdEMAMix
 from optlib.adamax import Adamax
 from optlib.adamw import AdamW
 from optlib.asgd import ASGD
+from optlib.lamb import Lamb
+from optlib.lars import LARS
 from optlib.lbfgs import LBFGS
 from optlib.lion import Lion
 from optlib.muon import Muon
@@ -41,6 +43,8 @@ __all__ = [
     "AdamWScheduleFree",
     "AdEMAMix",
     "ASGD",
+    "Lamb",
+    "LARS",
     "LBFGS",
     "Lion",
     "Muon",
