@@ -212,9 +212,11 @@ def same_run(params, opt, other_params, other_opt, tolerance):
     pairs = list(zip(params, other_params))
     for p, q in pairs:
         assert opt.state[p].keys() == other_opt.state[q].keys()
-    tensors = [(p, q) for p, q in pairs] + [
-        (opt.state[p][k], other_opt.state[q][k]) for p, q in pairs for k in opt.state[p]
-    ]
+    entries = [(opt.state[p][k], other_opt.state[q][k]) for p, q in pairs for k in opt.state[p]]
+    for a, b in [(a, b) for a, b in entries if isinstance(a, list)]:  # SOAP: a matrix per dimension
+        assert len(a) == len(b)
+        entries += [(x, y) for x, y in zip(a, b) if torch.is_tensor(x)]
+    tensors = [(p, q) for p, q in pairs] + [(a, b) for a, b in entries if not isinstance(a, list)]
     numbers = [(a, b) for a, b in tensors if not torch.is_tensor(a)]  # Prodigy's int step
     tensors = [(a, b) for a, b in tensors if torch.is_tensor(a)]
     assert all(a == b for a, b in numbers)

@@ -81,6 +81,10 @@ def _max_abs_diff(a, b) -> float:
     tensor, a from-scratch version may keep an int). NaN or inf in the same place in both
     counts as agreement; anywhere else as an infinite difference.
     """
+    if isinstance(a, list) and isinstance(b, list):  # one matrix per dimension (SOAP), [] for none
+        if len(a) != len(b):
+            return math.inf
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0)
     if not isinstance(a, (Tensor, int, float)) or not isinstance(b, (Tensor, int, float)):
         return 0.0 if a == b else math.inf
     a, b = (torch.as_tensor(x).detach().cpu() for x in (a, b))
@@ -111,6 +115,8 @@ def _max_ulps(a, b) -> float:
     absolute = _max_abs_diff(a, b)
     if absolute == 0 or math.isinf(absolute):
         return absolute
+    if isinstance(a, list):
+        return max(_max_ulps(x, y) for x, y in zip(a, b))
     if not isinstance(b, Tensor) or not b.is_floating_point() and not b.is_complex():
         return math.inf
     real = torch.view_as_real(b) if b.is_complex() else b
@@ -123,6 +129,8 @@ def _type(value) -> tuple:
     """What a checkpoint needs to match besides the values: dtype and device of a tensor."""
     if isinstance(value, Tensor):
         return (value.dtype, value.device.type)
+    if isinstance(value, list):
+        return tuple(_type(v) for v in value)
     return (type(value),)
 
 

@@ -74,6 +74,7 @@ OPTIMIZERS = {
     "AdEMAMix": (dict(lr=1e-3), "foreach"),
     "Lamb": (dict(lr=1e-3), None),
     "LARS": (dict(lr=1e-3), None),
+    "SOAP": (dict(lr=3e-3), None),
 }
 # The optimizers that torch.optim lacks, timed against the package optlib's twin follows
 # (module, label in the table); the others against torch.optim.
@@ -85,6 +86,7 @@ REFERENCE_PACKAGES = {
     "AdEMAMix": ("pytorch_optimizer", "pytorch-optimizer"),
     "Lamb": ("pytorch_optimizer", "pytorch-optimizer"),
     "LARS": ("pytorch_optimizer", "pytorch-optimizer"),
+    "SOAP": ("pytorch_optimizer", "pytorch-optimizer"),
 }
 # The optimizers that need other parameters or gradients than the rest: Muon takes matrices
 # only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
@@ -92,9 +94,10 @@ REFERENCE_PACKAGES = {
 SPECIAL_PARAMETERS = {"Muon": "matrices", "SparseAdam": "sparse rows", "LBFGS": "closure"}
 # Where the bytes model of `bytes_per_parameter` (one pass over parameter, gradient and state of
 # the parameter's shape) does not describe a step: those three, Prodigy, which passes over
-# the tensors twice and keeps flattened statistics, and LAMB and LARS, which read each tensor
-# once more for its norm before they update it.
-NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS"}
+# the tensors twice and keeps flattened statistics, LAMB and LARS, which read each tensor once
+# more for its norm before they update it, and SOAP, whose matrix products and eigenbases cost
+# far more than the memory traffic (an m × n matrix: O(mn(m + n)) per step).
+NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS", "SOAP"}
 
 # Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
 # of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
