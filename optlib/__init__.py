@@ -3,7 +3,7 @@
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
 Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`, `Prodigy`,
-`AdEMAMix`, `Lamb`, `LARS`, `SOAP`) follow the reference package their users install.
+`AdEMAMix`, `Lamb`, `LARS`, `Shampoo`, `SOAP`) follow the reference package their users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -31,6 +31,7 @@ from optlib.rmsprop import RMSprop
 from optlib.rprop import Rprop
 from optlib.schedule_free import AdamWScheduleFree, SGDScheduleFree
 from optlib.sgd import SGD
+from optlib.shampoo import Shampoo
 from optlib.soap import SOAP
 from optlib.sparse_adam import SparseAdam
 
@@ -57,6 +58,7 @@ __all__ = [
     "Rprop",
     "SGD",
     "SGDScheduleFree",
+    "Shampoo",
     "SOAP",
     "SparseAdam",
     "lr_scheduler",

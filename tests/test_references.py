@@ -160,6 +160,22 @@ REFERENCES = {
         + [dict(maximize=True, precondition_frequency=4), dict(eps=1e-3, lr=0.1, weight_decay=0.1)],
         dict(lr=0.01, precondition_frequency=3, precondition_1d=True),
     ),
+    "Shampoo": (
+        optlib.Shampoo,
+        pytorch_optimizer.Shampoo,
+        grid(
+            lr=[1e-3, 0.05],
+            momentum=[0.0, 0.9],
+            weight_decay=[0.0, 0.1],
+            weight_decouple=[False, True],
+            preconditioning_compute_steps=[1, 4],
+            matrix_eps=[1e-6, 1e-2],
+        )
+        + [dict(maximize=True, momentum=0.5, weight_decay=0.1), dict(weight_decouple=True, fixed_decay=True, weight_decay=0.01)],
+        # preconditioning_compute_steps lives on the optimizer, not in a checkpoint (as in the
+        # reference): left at 1 here, the grid covers it
+        dict(lr=0.01, momentum=0.5, weight_decay=0.1),
+    ),
 }
 NAMES = list(REFERENCES)
 SHAPES = ((4, 3), (3,), (1,))
@@ -376,6 +392,13 @@ INVALID = {
         (dict(precondition_frequency=0), "precondition_frequency"),
         (dict(max_precondition_dim=0), "max_precondition_dim"),
         (dict(eps=-1e-8), "-1e-08"),
+        (dict(params=[]), None),
+    ],
+    "Shampoo": [
+        (dict(momentum=1.0), "1.0"),
+        (dict(momentum=-0.1), "-0.1"),
+        (dict(weight_decay=-0.1), "-0.1"),
+        (dict(matrix_eps=-1e-6), "-1e-06"),
         (dict(params=[]), None),
     ],
     "AdEMAMix": [
@@ -721,7 +744,7 @@ def test_ademamix_slow_momentum_keeps_old_gradients_that_adam_forgets():
     assert 0.5 < moved["AdEMAMix"] < 2.0
 
 
-@pytest.mark.parametrize("name", ["AdEMAMix", "Lamb", "LARS", "SOAP"])
+@pytest.mark.parametrize("name", ["AdEMAMix", "Lamb", "LARS", "SOAP", "Shampoo"])
 def test_a_negative_lr_raises_torch_s_value_error_where_the_reference_raises_its_own_class(name):
     ours, theirs, _, _ = REFERENCES[name]
     params = make_params(shapes=SHAPES)
@@ -891,3 +914,51 @@ def test_soap_steps_rotate_with_the_problem_and_adam_s_do_not():
         gaps[name] = ((rotation @ plain - rotated).abs().max() / (plain - start).abs().max()).item()
     assert gaps["SOAP"] < 1e-5
     assert gaps["Adam"] > 1e-2
+
+
+# ---------------------------------------------------------------- Shampoo's own properties
+
+
+def test_shampoo_refuses_fewer_than_one_step_between_roots_with_torch_s_error():
+    params = make_params(shapes=SHAPES)
+    with pytest.raises(pytorch_optimizer.base.exception.NegativeStepError):
+        pytorch_optimizer.Shampoo(params, preconditioning_compute_steps=0)
+    with pytest.raises(ValueError, match="preconditioning_compute_steps"):
+        optlib.Shampoo(params, preconditioning_compute_steps=0)
+
+
+def test_shampoo_matches_the_reference_on_tensors_of_every_order():
+    result = run_side_by_side(
+        lambda ps: optlib.Shampoo(ps, lr=0.01, momentum=0.5, preconditioning_compute_steps=3),
+        lambda ps: pytorch_optimizer.Shampoo(ps, lr=0.01, momentum=0.5, preconditioning_compute_steps=3),
+        shapes=SOAP_SHAPES,
+        steps=60,
+    )
+    assert result.identical
+
+
+def test_shampoo_on_a_vector_is_full_matrix_adagrad_and_on_a_matrix_the_kronecker_form():
+    """A vector: L^{-1/2} g with L = εI + Σ g gᵀ. A matrix: L^{-1/4} G R^{-1/4}, which is the
+    Kronecker-factored (R ⊗ L)^{-1/4} applied to vec(G)."""
+    gen = torch.Generator().manual_seed(0)
+    vector, matrix = (torch.randn(*s, dtype=torch.float64, generator=gen).requires_grad_() for s in [(5,), (4, 3)])
+    opt = optlib.Shampoo([vector, matrix], lr=0.1)
+    statistics = [1e-6 * torch.eye(5, dtype=torch.float64), 1e-6 * torch.eye(4, dtype=torch.float64), 1e-6 * torch.eye(3, dtype=torch.float64)]
+    for _ in range(5):
+        g, G = torch.randn(5, dtype=torch.float64, generator=gen), torch.randn(4, 3, dtype=torch.float64, generator=gen)
+        statistics[0] += torch.outer(g, g)
+        statistics[1] += G @ G.T
+        statistics[2] += G.T @ G
+        before = vector.detach().clone(), matrix.detach().clone()
+        vector.grad, matrix.grad = g, G
+        opt.step()
+        L_half = _spd_power(statistics[0], -0.5)
+        assert max_diff([vector], [before[0] - 0.1 * L_half @ g]) < 1e-10
+        kron = torch.kron(_spd_power(statistics[1], -0.25), _spd_power(statistics[2], -0.25))  # row-major vec
+        expected = before[1] - 0.1 * (kron @ G.flatten()).view(4, 3)
+        assert max_diff([matrix], [expected]) < 1e-10
+
+
+def _spd_power(matrix, power):
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values**power) @ vectors.T

@@ -75,6 +75,7 @@ OPTIMIZERS = {
     "Lamb": (dict(lr=1e-3), None),
     "LARS": (dict(lr=1e-3), None),
     "SOAP": (dict(lr=3e-3), None),
+    "Shampoo": (dict(lr=1e-3), None),
 }
 # The optimizers that torch.optim lacks, timed against the package optlib's twin follows
 # (module, label in the table); the others against torch.optim.
@@ -87,6 +88,7 @@ REFERENCE_PACKAGES = {
     "Lamb": ("pytorch_optimizer", "pytorch-optimizer"),
     "LARS": ("pytorch_optimizer", "pytorch-optimizer"),
     "SOAP": ("pytorch_optimizer", "pytorch-optimizer"),
+    "Shampoo": ("pytorch_optimizer", "pytorch-optimizer"),
 }
 # The optimizers that need other parameters or gradients than the rest: Muon takes matrices
 # only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
@@ -95,9 +97,9 @@ SPECIAL_PARAMETERS = {"Muon": "matrices", "SparseAdam": "sparse rows", "LBFGS": 
 # Where the bytes model of `bytes_per_parameter` (one pass over parameter, gradient and state of
 # the parameter's shape) does not describe a step: those three, Prodigy, which passes over
 # the tensors twice and keeps flattened statistics, LAMB and LARS, which read each tensor once
-# more for its norm before they update it, and SOAP, whose matrix products and eigenbases cost
-# far more than the memory traffic (an m × n matrix: O(mn(m + n)) per step).
-NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS", "SOAP"}
+# more for its norm before they update it, and SOAP and Shampoo, whose matrix products, roots and
+# eigenbases cost far more than the memory traffic (an m × n matrix: O(mn(m + n)) per step).
+NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS", "SOAP", "Shampoo"}
 
 # Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
 # of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
