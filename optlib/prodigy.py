@@ -129,8 +129,8 @@ class Prodigy(Optimizer):
     .. note::
         This class follows prodigyopt 1.1.2. Where it differs from the paper's Algorithm 4: the
         paper writes :math:`(1 - \beta_3)` factors in :math:`r` and :math:`s`, which cancel in
-        their ratio, and has neither ``d_coef`` nor ``growth_rate``; it puts :math:`\epsilon`
-        outside :math:`d`; bias correction is off by default. Several settings are read from the
+        their ratio, and has neither ``d_coef`` nor ``growth_rate``; bias correction is off by
+        default. Several settings are read from the
         first parameter group only (``betas``, ``beta3``, ``d_coef``, ``growth_rate``,
         ``decouple``, ``use_bias_correction``), and a group's ``lr`` must equal the largest or
         be 0; the reference raises ``RuntimeError`` otherwise, and so does this class. The

@@ -29,9 +29,10 @@ def averaging_weight(group: dict) -> dict:
 
     Returns the step's learning rate ``lr`` (the constant rate after a linear warm-up) and
     ``ckp1``, the weight c_{t+1} of the newest z in the average x. The weight of step t is
-    t^r γ_max^p, where γ_max is the largest rate so far: with the defaults (r = 0, p = 2) every
-    step after warm-up weighs the same and x is the plain mean of the z's; during warm-up the
-    small early rates weigh less. Updates ``k``, ``lr_max``, ``weight_sum`` and
+    t^r γ_max^p, where γ_max is the largest rate so far: with the defaults (r = 0, p = 2) and no
+    warm-up every step weighs the same, c_{t+1} = 1/t, and x_{t+1} is the plain mean of
+    z_2, ..., z_{t+1} (the first step, with c = 1, replaces the start); during warm-up the small
+    early rates weigh less. Updates ``k``, ``lr_max``, ``weight_sum`` and
     ``scheduled_lr`` in ``group``, as the reference keeps them there.
     """
     k = group["k"]

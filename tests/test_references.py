@@ -585,8 +585,8 @@ def test_schedule_free_modes_switch_once_and_eval_twice_is_harmless(name):
 
 
 def test_schedule_free_weights_make_x_the_plain_mean_of_the_z_after_warm_up():
-    """With r = 0 and a constant rate, c_{t+1} = 1/(t+1) (the first z is x_1 itself): x is the
-    running mean of z_1, ..., z_{t+1}."""
+    """With r = 0 and a constant rate, the weight of step t is c_{t+1} = 1/t: the first step
+    replaces x_1 = z_1 by z_2 (c = 1), and x_{t+1} is the running mean of z_2, ..., z_{t+1}."""
     group = dict(lr=0.1, k=0, warmup_steps=0, r=0.0, weight_lr_power=2.0, weight_sum=0.0, lr_max=-1.0)
     weights = [optlib.schedule_free.averaging_weight(group)["ckp1"] for _ in range(5)]
     assert weights == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5], rel=1e-15)
