@@ -69,7 +69,7 @@ perturbed-%: $(READY)
 # The page check needs Debian's Chromium (.ci/run installs it); without it `make test` says so and
 # skips only that step.
 test: unit notebooks perturbed-ulp book
-	@if [ -x $(CHROMIUM) ]; then $(MAKE) --no-print-directory pages; \
+	@if [ -x $(CHROMIUM) ]; then $(MAKE) --no-print-directory pages SCREENSHOTS=; \
 	else echo "make test: $(CHROMIUM) not found, pages not checked (apt-get install chromium)"; fi
 
 # After editing a chapter: re-run notebooks in place so the stored outputs are fresh
@@ -83,13 +83,15 @@ clean:
 	rm -rf _build .pytest_cache
 
 # Every built page in headless Chromium, offline (any request off localhost fails): MathJax typeset, images
-# loaded, figures captioned, Colab buttons, no console errors; screenshots in _build/screenshots.
+# loaded, figures captioned, Colab buttons, no console errors; full-page screenshots, to look at, in
+# $(SCREENSHOTS) (`make test` leaves them out: they check nothing and take half the time).
 # Needs Debian's Chromium (`apt-get install chromium`, /usr/bin/chromium); Playwright drives it.
 # `pages` checks the book as built; `check-pages` builds it first.
 CHROMIUM ?= /usr/bin/chromium
+SCREENSHOTS ?= _build/screenshots
 .PHONY: check-pages
 pages: $(READY)
-	$(BIN)/python tests/browser/check_pages.py --chromium $(CHROMIUM) --screenshots _build/screenshots
+	$(BIN)/python tests/browser/check_pages.py --chromium $(CHROMIUM) $(if $(SCREENSHOTS),--screenshots $(SCREENSHOTS))
 
 check-pages: book pages
 
