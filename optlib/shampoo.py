@@ -133,8 +133,7 @@ class Shampoo(Optimizer):
         :math:`b`, the preconditioned direction (the first :math:`b` is the first gradient), and
         the statistics accumulate that mix; the inverse roots start at 0, so with :math:`f > 1`
         the parameters do not move before step :math:`f`; the roots come from an SVD of
-        :math:`L_i` started at :math:`\epsilon I` (the paper's :math:`\epsilon I` start, without
-        its separate damping). Differences from the reference: ``p.grad`` is never modified (the
+        :math:`L_i`, started at :math:`\epsilon I` as in the paper. Differences from the reference: ``p.grad`` is never modified (the
         reference mixes the momentum, adds the decay and negates it for ``maximize`` in place); a
         negative ``lr`` and a ``preconditioning_compute_steps`` below 1 raise torch's
         ``ValueError`` (the reference raises its own ``NegativeLRError`` and

@@ -98,7 +98,7 @@ def soap_update(
 
 
 class SOAP(Optimizer):
-    r"""Implements SOAP, ShampoO with Adam in the Preconditioner's eigenbasis (Vyas et al., 2025,
+    r"""Implements SOAP, ShampoO with Adam in the Preconditioner's eigenbasis (Vyas et al., 2024,
     Algorithm 3), as pytorch-optimizer ports the authors' code.
 
     .. math::
@@ -161,13 +161,14 @@ class SOAP(Optimizer):
     .. note::
         This class follows pytorch-optimizer 4.1.0 (``pytorch_optimizer.SOAP``), a port of the
         authors' code (nikhilvyas/SOAP, not a package) with ``max_precond_dim`` and
-        ``normalize_grads`` renamed ``max_precondition_dim`` and ``normalize_gradient``. As in the
-        authors' code and unlike the paper's Algorithm 3: the first step only initializes
-        :math:`L, R` and the bases, it does not move the parameters, so the bias correction counts
-        from the second step; :math:`m` is kept in the parameter's coordinates and rotated when
-        used, so a change of basis does not leave a stale first moment; the decay is applied
-        after the step (the authors add :math:`-\gamma\lambda W`, pytorch-optimizer multiplies by
-        :math:`1 - \gamma\lambda`). Differences from the reference: ``p.grad`` is never modified
+        ``normalize_grads`` renamed ``max_precondition_dim`` and ``normalize_gradient``. The paper's
+        Algorithm 3 shows one step; as in the authors' code, the first step only initializes
+        :math:`L, R` and the bases and does not move the parameters, so the bias correction counts
+        from the second step, and the decay is applied after the step (the authors add
+        :math:`-\gamma\lambda W`, pytorch-optimizer multiplies by :math:`1 - \gamma\lambda`). As in
+        the paper, :math:`m` is kept in the parameter's coordinates and rotated when used, so a
+        new basis leaves no stale first moment, while :math:`v`, kept in the eigenbasis, is only
+        permuted when the basis changes. Differences from the reference: ``p.grad`` is never modified
         (the reference negates it for ``maximize``); a negative ``lr`` raises torch's
         ``ValueError`` (the reference raises its own ``NegativeLRError``), an unknown
         ``data_format`` ``ValueError`` (the reference ignores it), and extra keyword options
