@@ -1,11 +1,13 @@
 """Perturb the last bit of torch's results, to find printed outputs that a last-bit difference flips.
 
 Loaded by Python at start-up when this folder is on PYTHONPATH (``make perturbed`` puts it there, for
-the notebook kernels and the test processes alike). With ``OPTLIB_PERTURB=ulp`` it installs a
-``TorchDispatchMode`` that flips the lowest mantissa bit of every finite, non-zero floating-point
-result of the operations whose last bit differs between machines: matrix products (the BLAS picks
-its blocking by CPU), reductions (their order depends on vector width and threads) and the
-transcendental functions (vectorized and scalar versions round differently).
+the notebook kernels and the test processes alike). With ``OPTLIB_PERTURB=ulp`` it turns on a
+dispatcher mode (``last_bit_flip.cpp``, compiled once per machine into torch's extension cache) that
+flips the lowest mantissa bit of every finite, non-zero floating-point result of the operations whose
+last bit differs between machines: matrix products (the BLAS picks its blocking by CPU), reductions
+(their order depends on vector width and threads) and the transcendental functions (vectorized and
+scalar versions round differently). It sees the operators a Python ``TorchDispatchMode`` would see,
+below autograd, but costs a C++ redispatch, not a call into Python, for every operator it leaves alone.
 
 The flip is a function of the exact result alone, so two computations that agree bit for bit still
 agree under it (optlib against torch in one process stays exact), while anything that depends on the
@@ -16,9 +18,11 @@ import os
 if os.environ.get("OPTLIB_PERTURB") == "ulp":
     import contextlib
     import functools
+    import sys
+    from pathlib import Path
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils import cpp_extension
 
     aten = torch.ops.aten
     _PACKETS = [
@@ -34,50 +38,31 @@ if os.environ.get("OPTLIB_PERTURB") == "ulp":
         aten.exp, aten.expm1, aten.log, aten.log1p, aten.log2, aten.tanh, aten.sigmoid, aten.sin,
         aten.cos, aten.atan2, aten.erf, aten.gelu, aten.gelu_backward, aten.pow,
     ]
-    # Functional overloads only: an `out=` or in-place overload writes into a tensor the caller owns.
-    _OPS = {getattr(packet, name) for packet in _PACKETS for name in packet.overloads() if "out" not in name}
-    _INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
 
-    def _flip(t):
-        if isinstance(t, torch.Tensor) and t.dtype in _INT and t.numel() and t.layout == torch.strided:
-            # XOR with the mask (True is 1): four kernels, where a `where` and a copy take six
-            t.view(_INT[t.dtype]).bitwise_xor_(t.isfinite() & (t != 0))
-        return t
-
-    class LastBitFlip(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func in _OPS:
-                with torch._C._DisableTorchDispatch():
-                    if isinstance(out, (tuple, list)):
-                        for t in out:
-                            _flip(t)
-                    else:
-                        _flip(out)
-            return out
-
-    _mode = LastBitFlip()
-    _mode.__enter__()
-    _mode_on = True
+    # ninja, which builds the extension, may be installed in this venv only
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    _flips = cpp_extension.load(
+        name="optlib_last_bit_flip",
+        sources=[str(Path(__file__).with_name("last_bit_flip.cpp"))],
+        extra_cflags=["-O2"],
+    )
+    # the functional overloads of these operators (an `out=` or in-place one writes into a tensor
+    # the caller owns); the extension skips overload names that contain "out"
+    _flips.set_listed([packet._qualified_op_name for packet in _PACKETS])
+    _flips.set_enabled(True)
 
     @contextlib.contextmanager
     def _flips_paused():
-        global _mode_on
-        if not _mode_on:  # already paused by an enclosing pause
-            yield
-            return
-        _mode.__exit__(None, None, None)
-        _mode_on = False
+        was_on = _flips.enabled()
+        _flips.set_enabled(False)
         try:
             yield
         finally:
-            _mode.__enter__()
-            _mode_on = True
+            _flips.set_enabled(was_on)
 
     # Two places where the mode steps aside, because its presence, not a last bit, would change
-    # what is measured. Compiled code: under a Python dispatch mode torch.compile does not compile
-    # (the fast path would run as separate eager operations, with temporaries of their own).
+    # what is measured. Compiled code: the fast path is compiled and measured as it runs unperturbed
+    # (and tracing under the mode would compile the flips into the graph).
     _compile = torch.compile
 
     def _compile_without_flips(model=None, **options):
