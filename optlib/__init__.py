@@ -3,7 +3,8 @@
 `import optlib as optim` runs code written for `torch.optim` unchanged: the optimizers have
 torch's names, arguments, defaults, errors and state, and `optim.lr_scheduler` is torch's own.
 Those that torch.optim lacks (`Lion`, `SGDScheduleFree`, `AdamWScheduleFree`, `Prodigy`,
-`AdEMAMix`, `Lamb`, `LARS`, `Shampoo`, `SOAP`) follow the reference package their users install.
+`AdEMAMix`, `AdamW8bit`, `Lamb`, `LARS`, `Shampoo`, `SOAP`) follow the reference package their
+users install.
 The optimizers need only torch; the book's experiment kit lives in ``optlib.bench`` and is not
 imported here.
 """
@@ -17,6 +18,7 @@ from optlib.adam import Adam
 from optlib.ademamix import AdEMAMix
 from optlib.adamax import Adamax
 from optlib.adamw import AdamW
+from optlib.adamw8bit import AdamW8bit
 from optlib.asgd import ASGD
 from optlib.lamb import Lamb
 from optlib.lars import LARS
@@ -42,6 +44,7 @@ __all__ = [
     "Adam",
     "Adamax",
     "AdamW",
+    "AdamW8bit",
     "AdamWScheduleFree",
     "AdEMAMix",
     "ASGD",

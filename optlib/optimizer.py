@@ -191,7 +191,7 @@ class Optimizer(torch.optim.Optimizer):
                     state = self.state[param]
                     if "step" in state:
                         state["step"] += 1  # t counts from 1
-                        settings["step"] = state["step"].item()  # t, for _update
+                        settings["step"] = float(state["step"])  # t, for _update
                     self._update(param, param.grad, state, settings)
             for param in params:
                 if not self.state[param]:  # no empty entries, as in torch

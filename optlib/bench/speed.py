@@ -76,6 +76,7 @@ OPTIMIZERS = {
     "LARS": (dict(lr=1e-3), None),
     "SOAP": (dict(lr=3e-3), None),
     "Shampoo": (dict(lr=1e-3), None),
+    "AdamW8bit": (dict(lr=1e-3), None),
 }
 # The optimizers that torch.optim lacks, timed against the package optlib's twin follows
 # (module, label in the table); the others against torch.optim.
@@ -89,6 +90,7 @@ REFERENCE_PACKAGES = {
     "LARS": ("pytorch_optimizer", "pytorch-optimizer"),
     "SOAP": ("pytorch_optimizer", "pytorch-optimizer"),
     "Shampoo": ("pytorch_optimizer", "pytorch-optimizer"),
+    "AdamW8bit": ("bitsandbytes.optim", "bitsandbytes"),
 }
 # The optimizers that need other parameters or gradients than the rest: Muon takes matrices
 # only (the other tensors of a case are left out), SparseAdam sparse gradients (one row in 8 of
@@ -98,8 +100,10 @@ SPECIAL_PARAMETERS = {"Muon": "matrices", "SparseAdam": "sparse rows", "LBFGS": 
 # the parameter's shape) does not describe a step: those three, Prodigy, which passes over
 # the tensors twice and keeps flattened statistics, LAMB and LARS, which read each tensor once
 # more for its norm before they update it, and SOAP and Shampoo, whose matrix products, roots and
-# eigenbases cost far more than the memory traffic (an m × n matrix: O(mn(m + n)) per step).
-NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS", "SOAP", "Shampoo"}
+# eigenbases cost far more than the memory traffic (an m × n matrix: O(mn(m + n)) per step), and
+# 8-bit AdamW, whose state is one byte per number and a scale per block, dequantized and
+# quantized again in passes of their own (and tensors below 4096 numbers keep 32-bit moments).
+NOT_ONE_PASS = {*SPECIAL_PARAMETERS, "Prodigy", "Lamb", "LARS", "SOAP", "Shampoo", "AdamW8bit"}
 
 # Shapes of the parameters: a few large matrices, and many small tensors (the weights and biases
 # of a deep network of narrow layers). ``scale`` divides the sizes, for a quick run.
