@@ -29,6 +29,8 @@ rounds every intermediate to the parameter's dtype: the two differ by more than 
 there (the loop's float16 Adam, whose eps of 1e-8 rounds to 0, can divide by zero).
 """
 
+import functools
+
 import torch
 from torch import Tensor
 from torch._utils import _unflatten_dense_tensors
@@ -64,9 +66,16 @@ def _update_bucket(update, param: Tensor, grad: Tensor, state: dict, settings: d
 # a buffer of their own, computed once per call; inlined into the element loop they would cost a
 # pow() per 16 elements.
 # dynamic=True: one compiled version for vectors of every length (and any step count).
-_compiled_bucket = torch.compile(
-    _update_bucket, dynamic=True, options={"realize_opcount_threshold": 0}
-)
+# Built at the first compiled step, not at import: torch.compile imports the compiler, a second or
+# more that a program which never takes the fast path (most of the book's notebooks) should not pay.
+@functools.cache
+def _compiler():
+    return torch.compile(_update_bucket, dynamic=True, options={"realize_opcount_threshold": 0})
+
+
+def _compiled_bucket(update, param: Tensor, grad: Tensor, state: dict, settings: dict) -> None:
+    """``_update_bucket``, compiled."""
+    _compiler()(update, param, grad, state, settings)
 _COMPILE_OPTIONS = dict(
     # Floats other than lr are constants of the compiled code: torch 2.13 can specialize a
     # symbolic float without a guard, and then silently reuses a stale step size.
