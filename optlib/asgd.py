@@ -35,18 +35,19 @@ def asgd_update(
     g = -grad if maximize else grad  # g_t = ±∇f(θ_{t-1})
     if weight_decay != 0:
         g = g.add(param, alpha=weight_decay)  # g_t + λ θ_{t-1}
-    eta_t, mu_t = eta.item(), mu.item()
+    eta_t = eta.item()
     param.mul_(1 - lambd * eta_t)  # θ ← (1 - λ_a η_t) θ_{t-1}
     param.add_(g, alpha=-eta_t)  # θ_t = θ - η_t g_t
-    if mu_t != 1:  # a_t = a_{t-1} + μ_t (θ_t - a_{t-1})
-        ax.add_(param.sub(ax).mul_(mu))
-    else:  # before averaging starts, a_t is the iterate itself
-        ax.copy_(param)
+    # a_t = a_{t-1} + μ_t (θ_t - a_{t-1}); before averaging starts (μ_t = 1), a_t is the iterate
+    # itself. A select, not an `if` on μ_t's value: compiled code cannot branch on a tensor's value.
+    ax.copy_(torch.where(mu == 1, param, ax.add(param.sub(ax).mul_(mu))))
     # η_{t+1} and μ_{t+1}, rounded to the default dtype as torch rounds them
     # (which matters once a checkpoint has loaded them as float64)
     dtype = torch.get_default_dtype()
     eta.copy_(torch.as_tensor(lr / (1 + lambd * lr * step) ** alpha, dtype=dtype))
-    mu.copy_(torch.as_tensor(1 / max(1, step - t0), dtype=dtype))
+    # torch.full, not torch.as_tensor: compiled, as_tensor makes the number a constant of the
+    # code, compiled again at every step once averaging has started
+    mu.copy_(torch.full((), 1 / max(1, step - t0), dtype=dtype))
 
 
 class ASGD(Optimizer):

@@ -146,6 +146,21 @@ def test_a_scheduler_changes_the_learning_rate_without_recompiling():
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_later_steps_do_not_recompile(name):
+    # ASGD's averaging weight 1 / max(1, t - t0), made a tensor by torch.as_tensor, was a constant
+    # of the compiled code: every step past t0 (5 here) compiled again, a second each.
+    # The first steps compile: step 1, then the step count as a symbol, and RAdam once more
+    # when its rectification starts (step 6 here).
+    params = [torch.zeros(s, requires_grad=True) for s in SHAPES]
+    opt = TWINS[name][0](params, **TYPICAL[name], **_fast_flag(name))
+    _train(opt, params, steps=10, seed=0)
+    compiled = _compiled_graphs()
+    _train(opt, params, steps=10, seed=1)
+    assert _compiled_graphs() == compiled
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
 def test_parameter_groups_state_dicts_and_schedulers():
     # Two groups with their own settings, trained by the fast path; the state_dict then moves
     # to torch's fused AdamW and to optlib's loop, and all three continue alike.
