@@ -51,6 +51,27 @@ def test_tune_chooses_on_validation_and_reports_test_for_every_seed():
     assert "better on" in protocol.paired(tuning, tuning)
 
 
+def test_a_tuning_that_evaluates_only_at_the_ends_chooses_the_same():
+    data = _small_digits()
+    tunings = [
+        protocol.tune(
+            "SGD", lambda ps, lr: optlib.SGD(ps, lr=lr), [0.01, 0.3, 3.0, 1e3], data,
+            lambda seed: bench.mlp([64, 10], seed=seed), seeds=(0, 1), epochs=3, every_epoch=every_epoch,
+        )
+        for every_epoch in (True, False)
+    ]
+    every, ends = tunings
+    assert ends.table() == every.table() and ends.test == every.test
+    for lr in every.runs:
+        for a, b in zip(every.runs[lr], ends.runs[lr]):
+            assert (b.val_loss, b.diverged) == (a.val_loss, a.diverged)
+            assert b.history.train_loss == a.history.train_loss
+            if not a.history.diverged:
+                assert len(a.history.epoch_train_loss) == 4 and len(b.history.epoch_train_loss) == 2
+                assert b.history.epoch_train_loss == a.history.epoch_train_loss[::3]
+                assert b.history.test_loss == a.history.test_loss[::3]
+
+
 def test_every_rate_diverging_is_an_error():
     data = _small_digits()
     with pytest.raises(ValueError, match="every learning rate diverged"):

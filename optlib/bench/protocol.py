@@ -140,10 +140,13 @@ def tune(
     epochs: int = 10,
     batch_size: int = 64,
     split_seed: int = 0,
+    every_epoch: bool = True,
 ) -> Tuning:
     """Train ``make_optimizer(params, lr)`` for each rate and seed on the fit part of
     ``validation_split(data)``, choose the rate on validation, and evaluate the chosen rate's
-    models once on ``data``'s test split. ``make_model(seed)`` builds the network for a seed."""
+    models once on ``data``'s test split. ``make_model(seed)`` builds the network for a seed.
+    ``every_epoch=False``: the runs' histories hold the losses before and after training only
+    (see :func:`train`); the choice is the same, in less time."""
     split = validation_split(data, seed=split_seed)
     runs: dict[float, list[Run]] = {}
     for lr in rates:
@@ -152,7 +155,7 @@ def tune(
             model = make_model(seed)
             history = train(
                 model, make_optimizer(list(model.parameters()), lr), split,
-                epochs=epochs, batch_size=batch_size, seed=seed,
+                epochs=epochs, batch_size=batch_size, seed=seed, every_epoch=every_epoch,
             )
             bad = diverged(history)
             val_loss = math.inf if bad else history.test_loss[-1]
