@@ -66,11 +66,26 @@ perturbed-%: $(READY)
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) -m numerics tests
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
 
-# The page check needs Debian's Chromium (.ci/run installs it); without it `make test` says so and
-# skips only that step.
-test: unit notebooks perturbed-ulp book
+# The unit tests leave a core idle whenever they wait for the compiler, and the page check mostly
+# waits for the browser: the book, its pages and the C++ extension of the ulp perturbation are
+# built and checked meanwhile, each target's output printed when it is done.
+test: $(READY)
+	$(MAKE) --no-print-directory -j3 --output-sync=target unit checked-book perturb-extension
+	$(MAKE) --no-print-directory notebooks perturbed-ulp
+
+# The book, then every page in Chromium. The page check needs Debian's Chromium (.ci/run installs
+# it); without it this says so and skips only that step.
+.PHONY: checked-book
+checked-book: $(READY)
+	$(MAKE) --no-print-directory book
 	@if [ -x $(CHROMIUM) ]; then $(MAKE) --no-print-directory pages SCREENSHOTS=; \
 	else echo "make test: $(CHROMIUM) not found, pages not checked (apt-get install chromium)"; fi
+
+# The ulp perturbation's C++ extension, built once per machine into torch's extension cache by
+# tests/perturb/sitecustomize.py (which every Python process with that folder on its path runs).
+.PHONY: perturb-extension
+perturb-extension: $(READY)
+	$(perturb.ulp) $(BIN)/python -c pass
 
 # After editing a chapter: re-run notebooks in place so the stored outputs are fresh
 # (all of them, or some: `make execute NOTEBOOKS=chapters/sgd.ipynb`). Unlike `jupyter execute`,
