@@ -26,6 +26,7 @@ __all__ = [
     "check_non_negative",
     "check_tensor_lr",
     "hyperparameters",
+    "refuse_zero_redundancy",
     "real",
     "settings_for",
     "step_counter",
@@ -54,6 +55,23 @@ def check_tensor_lr(lr: float | Tensor) -> None:
     """A learning rate given as a tensor must hold one number, as in torch."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+
+
+def refuse_zero_redundancy(caller, name: str, needs: str) -> None:
+    """Raise if ``caller``, the object constructing the optimizer ``name``, is a
+    ZeroRedundancyOptimizer: it builds one optimizer per rank over that rank's share of the
+    parameters, which is wrong for an optimizer that ``needs`` all of them at once (torch.optim's
+    L-BFGS there silently returns another model than on one process)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(caller, ZeroRedundancyOptimizer):
+        raise RuntimeError(
+            f"optlib.{name} cannot run under ZeroRedundancyOptimizer: each rank would update only "
+            f"its share of the parameters, and {name} needs {needs}. Run {name} itself on every "
+            "rank (under DistributedDataParallel), unsharded."
+        )
 
 
 def hyperparameters(arguments: dict) -> dict:
