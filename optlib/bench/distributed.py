@@ -19,9 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-WRAPPERS = ("DDP", "ZeRO")
+WRAPPERS = ("DDP", "ZeRO", "FSDP2")
 """DistributedDataParallel with the optimizer on every rank; ZeroRedundancyOptimizer (ZeRO
-stage 1: each rank keeps the state of its share of the parameters and updates only those)."""
+stage 1: each rank keeps the state of its share of the parameters and updates only those);
+FSDP2's fully_shard (parameters, gradients and state sharded, as DTensors)."""
 
 
 def _free_port() -> int:
@@ -108,24 +109,31 @@ def compare(optimizer_class, kwargs: dict, wrapper: str, *, matrices_only: bool 
     """Run on every rank of a process group: ``steps`` steps of the optimizer under ``wrapper``,
     each rank on its half of every batch, against the single-process run on whole batches.
     Returns the largest difference of a parameter and the seconds the distributed steps took."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     batches = _batches(steps)
     size = len(batches[0][0]) // world_size
-    model = DistributedDataParallel(_model(matrices_only))
     if wrapper == "DDP":
+        model = DistributedDataParallel(_model(matrices_only))
         optimizer = optimizer_class(model.parameters(), **kwargs)
     elif wrapper == "ZeRO":
+        model = DistributedDataParallel(_model(matrices_only))
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, **kwargs)
+    elif wrapper == "FSDP2":
+        model = fully_shard(_model(matrices_only), mesh=init_device_mesh("cpu", (world_size,)))
+        optimizer = optimizer_class(model.parameters(), **kwargs)
     else:
         raise ValueError(f"unknown wrapper {wrapper!r}; one of {WRAPPERS}")
     start = time.perf_counter()
     _train(model, optimizer, batches, slice(rank * size, (rank + 1) * size))
     seconds = time.perf_counter() - start
     expected = _single_process(optimizer_class, kwargs, matrices_only, steps)
-    difference = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), expected))
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # DTensors
+    difference = max((p.detach() - q).abs().max().item() for p, q in zip(params, expected))
     return difference, seconds
 
 
