@@ -14,7 +14,6 @@ each a function of this module, follow Nocedal & Wright, *Numerical Optimization
 - `LBFGS.step`: the outer iteration (Algorithm 7.5), with PyTorch's stopping tests.
 """
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -328,9 +327,7 @@ class LBFGS(Optimizer):
         check_non_negative(lr=lr)
         if max_eval is None:
             max_eval = max_iter * 5 // 4  # PyTorch's default
-        refuse_zero_redundancy(  # the object that constructs this one
-            sys._getframe(1).f_locals.get("self"), "LBFGS", "the whole gradient for its line search"
-        )
+        refuse_zero_redundancy("LBFGS", "the whole gradient for its line search")
         super().__init__(params, hyperparameters(locals()))
         if len(self.param_groups) != 1:
             raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")

@@ -15,6 +15,8 @@ and a subclass that names its defaults, creates its state (``_init_state``) and 
 (``_update``).
 """
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -57,15 +59,16 @@ def check_tensor_lr(lr: float | Tensor) -> None:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
 
 
-def refuse_zero_redundancy(caller, name: str, needs: str) -> None:
-    """Raise if ``caller``, the object constructing the optimizer ``name``, is a
-    ZeroRedundancyOptimizer: it builds one optimizer per rank over that rank's share of the
-    parameters, which is wrong for an optimizer that ``needs`` all of them at once (torch.optim's
+def refuse_zero_redundancy(name: str, needs: str) -> None:
+    """Called by the constructor of the optimizer ``name``: raise if what constructs it is a
+    ZeroRedundancyOptimizer, which builds one optimizer per rank over that rank's share of the
+    parameters. That is wrong for an optimizer that ``needs`` all of them at once (torch.optim's
     L-BFGS there silently returns another model than on one process)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
+    caller = sys._getframe(2).f_locals.get("self")  # 1 is the optimizer's __init__, 2 its caller
     if isinstance(caller, ZeroRedundancyOptimizer):
         raise RuntimeError(
             f"optlib.{name} cannot run under ZeroRedundancyOptimizer: each rank would update only "

@@ -2,7 +2,6 @@ r"""Prodigy: Adam whose step size D is estimated while training; a drop-in for
 ``prodigyopt.Prodigy`` (the prodigyopt package of Mishchenko and Defazio)."""
 
 import math
-import sys
 
 import torch
 from torch import Tensor
@@ -179,9 +178,7 @@ class Prodigy(Optimizer):
             safeguard_warmup=safeguard_warmup, fsdp_in_use=fsdp_in_use, slice_p=slice_p,
         )  # fmt: skip
         self.d0 = d0
-        refuse_zero_redundancy(  # the object that constructs this one
-            sys._getframe(1).f_locals.get("self"), "Prodigy", "all of them to estimate its step size"
-        )
+        refuse_zero_redundancy("Prodigy", "all of them to estimate its step size")
         super().__init__(params, defaults)
 
     def _init_state(self, param, group):

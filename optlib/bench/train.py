@@ -91,7 +91,7 @@ def train(
 
     record_epoch()
     n = len(data.x_train)
-    for _ in tqdm(range(epochs), desc=type(optimizer).__name__, disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc=type(optimizer).__name__, disable=not progress, leave=False):
         order = torch.randperm(n, generator=generator).to(data.x_train.device)
         for start in range(0, n, batch_size):
             batch = order[start : start + batch_size]
@@ -105,8 +105,6 @@ def train(
                 return history
         if scheduler is not None:
             scheduler.step()
-        if every_epoch:
+        if every_epoch or epoch == epochs - 1:
             record_epoch()
-    if not every_epoch:
-        record_epoch()
     return history
