@@ -54,7 +54,10 @@ def adafactor_update(
         # (as torch computes them: no tensor g_t² is made; squared and divided
         # in place, torch's operations, so that the bits agree on every machine)
         row_mean = g.norm(dim=-1, keepdim=True).square_().div_(g.size(-1))  # (p, 1)
-        col_mean = g.norm(dim=-2, keepdim=True).square_().div_(g.size(-2))  # (1, q)
+        # a column's norm squared as a product, the same bits as square_: under FSDP2
+        # it runs over sharded rows, a partial DTensor that no in-place op may change
+        col_norm = g.norm(dim=-2, keepdim=True)
+        col_mean = (col_norm * col_norm).div_(g.size(-2))  # (1, q)
         row_var.lerp_(row_mean, one_minus_beta2)  # r_t = β̂2 r_{t-1} + ...
         col_var.lerp_(col_mean, one_minus_beta2)  # c_t = β̂2 c_{t-1} + ...
         # v̂_t = r_t c_tᵀ / max(mean(r_t), ε1), a rank-1 (p, q) matrix

@@ -42,7 +42,9 @@ def lamb_update(
     update = exp_avg / exp_avg_sq.sqrt().add_(eps)  # r_t = m_t / (√v_t + ε)
     if weight_decay > 0 and not weight_decouple:  # the paper's form: r_t + λθ, inside the ratio
         update.add_(param, alpha=weight_decay)
-    weight_norm = torch.linalg.norm(param).clamp_(min=0, max=clamp)  # φ(‖θ‖) = min(‖θ‖, 10)
+    # φ(‖θ‖) = min(‖θ‖, 10); clamped out of place: under FSDP2 the norm is a partial DTensor,
+    # and an in-place op may not change a placement
+    weight_norm = torch.linalg.norm(param).clamp(min=0, max=clamp)
     update_norm = torch.linalg.norm(update)
     trust_ratio = 1.0 if weight_norm == 0 or update_norm == 0 else weight_norm / (update_norm + eps)
     # θ_t = θ - γ/(1 - β1^t) · φ(‖θ‖)/‖r‖ · r_t; with adam=True, Adam's step without the ratio

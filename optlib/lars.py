@@ -31,7 +31,9 @@ def lars_update(
     grad = -grad if maximize else grad
     if param.ndim > 1:
         weight_norm = torch.linalg.norm(param)  # ‖θ‖
-        denominator = torch.linalg.norm(grad) + weight_decay * weight_norm  # ‖g‖ + λ‖θ‖
+        # λ‖θ‖ + ‖g‖ in this order: in the other, a process that has added a number to a norm on
+        # FSDP2's shards (Lamb's ‖u‖ + ε) fails here, a fault of torch 2.13's DTensor cache
+        denominator = weight_decay * weight_norm + torch.linalg.norm(grad)
         one = torch.ones_like(weight_norm)
         # η ‖θ‖ / (‖g‖ + λ‖θ‖); 1 where a norm is 0 (a zero matrix takes the plain SGD step)
         trust_ratio = torch.where(

@@ -6,9 +6,34 @@ import math
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative, refuse_zero_redundancy
+from optlib.optimizer import Optimizer, any_sharded, check_non_negative, refuse_zero_redundancy
 
 __all__ = ["Prodigy", "prodigy_statistics", "prodigy_update"]
+
+
+def _sliced(x: Tensor, slice_p: int) -> Tensor:
+    """Every ``slice_p``-th entry of ``x`` flattened, where the reference keeps the statistics.
+    Under FSDP2 ``x`` is a DTensor sharded by rows, which cannot be flattened when the rows do not
+    divide evenly among the ranks (3 rows on 2): it keeps its shape and all its entries, the same
+    numbers, so that ``s`` and ``p0`` are shaped (and sharded) as the parameter."""
+    if not any_sharded([x]):
+        return x.flatten()[::slice_p]
+    if slice_p != 1:
+        raise NotImplementedError("optlib.Prodigy supports slice_p=1 only on DTensor parameters (FSDP2)")
+    return x
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a, b⟩: torch.dot of the flat tensors, as the reference computes it (its order of
+    summation, bit for bit); a DTensor kept in its parameter's shape sums its products."""
+    return torch.dot(a, b) if a.dim() == 1 else (a * b).sum()
+
+
+def _whole(x: Tensor) -> Tensor:
+    """A reduction over a tensor, over all of it. Under FSDP2 a sum over a DTensor is partial,
+    each rank holding its shard's part, and ``.item()`` would read that part alone: full_tensor()
+    adds the parts of all ranks, so that every rank reads the same global value."""
+    return x.full_tensor() if any_sharded([x]) else x
 
 
 def prodigy_statistics(
@@ -31,15 +56,16 @@ def prodigy_statistics(
     term of the numerator, (d/d0) dlr ⟨g, θ_0 - θ⟩, and of the denominator, ‖s‖₁. Statistics are
     kept on every ``slice_p``-th entry only.
     """
-    sliced_grad = grad.flatten()[::slice_p]
+    sliced_grad = _sliced(grad, slice_p)
     # how far the gradient points back towards the start: the evidence that D is too small
-    numerator = (d / d0) * dlr * torch.dot(sliced_grad, state["p0"] - param.flatten()[::slice_p]).item()
+    inner = _dot(sliced_grad, state["p0"] - _sliced(param, slice_p))
+    numerator = (d / d0) * dlr * _whole(inner).item()
     if beta1 > 0:
         state["exp_avg"].mul_(beta1).add_(grad, alpha=d * (1 - beta1))  # m_t, in units of D
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=d * d * (1 - beta2))  # v_t, D²
     weight = (d / d0) * d if safeguard_warmup else (d / d0) * dlr
     state["s"].mul_(beta3).add_(sliced_grad, alpha=weight)  # s_t: the weighted sum of gradients
-    return numerator, state["s"].abs().sum().item()
+    return numerator, _whole(state["s"].abs().sum()).item()
 
 
 def prodigy_update(
@@ -123,7 +149,10 @@ class Prodigy(Optimizer):
         d_coef (float, optional): :math:`c`, the preferred knob (default: 1.0)
         growth_rate (float, optional): largest factor by which :math:`d` grows per step
             (default: inf)
-        fsdp_in_use (bool, optional): only ``False`` is supported here.
+        fsdp_in_use (bool, optional): only ``False`` is supported here. The reference's flag
+            all-reduces the sums of FSDP1's flat shards; under FSDP2 the parameters are DTensors,
+            whose sums full_tensor() makes global, and no flag is needed (``slice_p`` must then be
+            1, and ``s`` and ``p0`` keep the parameter's shape and sharding).
         slice_p (int, optional): keep the statistics on every ``slice_p``-th entry (default: 1)
 
     .. note::
@@ -183,10 +212,10 @@ class Prodigy(Optimizer):
 
     def _init_state(self, param, group):
         slice_p = group["slice_p"]
-        state = dict(step=0, s=torch.zeros_like(param.detach().flatten()[::slice_p]))
+        state = dict(step=0, s=torch.zeros_like(_sliced(param.detach(), slice_p)))
         # θ_0, where the estimate measures from; a parameter that starts at 0 keeps one number
-        if param.any():
-            state["p0"] = param.detach().flatten()[::slice_p].clone()
+        if _whole(param.any()):
+            state["p0"] = _sliced(param.detach(), slice_p).clone()
         else:
             state["p0"] = torch.tensor(0, device=param.device, dtype=param.dtype)
         if self.param_groups[0]["betas"][0] > 0:  # β1 of the first group, as everywhere
