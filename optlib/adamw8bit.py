@@ -222,6 +222,8 @@ class AdamW8bit(Optimizer):
 
     # The state holds maps and one scale per block, not one number per element of the parameter.
     elementwise = False
+    # Blocks of 256 numbers over the whole tensor: under FSDP2 one rank updates each (optlib.sharded).
+    whole_tensors = True
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from optlib.optimizer import Optimizer, check_non_negative, check_tensor_lr, hyperparameters
-from optlib.optimizer import real, refuse_zero_redundancy
+from optlib.optimizer import any_sharded, real, refuse_zero_redundancy
 
 __all__ = ["LBFGS", "cubic_minimizer", "strong_wolfe", "two_loop_recursion"]
 
@@ -355,6 +355,12 @@ class LBFGS(Optimizer):
             )
         group = self.param_groups[0]
         params = group["params"]
+        if any_sharded(params):
+            raise RuntimeError(
+                "optlib.LBFGS works on all parameters as one flat vector, which DTensor parameters "
+                "(FSDP2's shards) do not give. Run it on whole parameters on every rank (under "
+                "DistributedDataParallel), with a closure that returns the loss averaged over the ranks."
+            )
         lr = group["lr"]  # a tensor lr stays a tensor (0-dim), as in torch
         if isinstance(lr, Tensor) and lr.dim() != 0:
             lr = lr.squeeze()

@@ -174,6 +174,8 @@ class Muon(Optimizer):
 
     # The update reduces over a matrix (a norm, matrix products): no flat packing of tensors.
     elementwise = False
+    # Newton–Schulz orthogonalizes a whole matrix: under FSDP2 one rank does each (optlib.sharded).
+    whole_tensors = True
 
     def __init__(
         self,

@@ -15,12 +15,15 @@ and a subclass that names its defaults, creates its state (``_init_state``) and 
 (``_update``).
 """
 
+import functools
 import sys
+import warnings
 
 import torch
 from torch import Tensor
 
 from optlib.fast import compiled_update
+from optlib.sharded import step_whole_tensors
 
 __all__ = [
     "Optimizer",
@@ -28,6 +31,7 @@ __all__ = [
     "check_non_negative",
     "check_tensor_lr",
     "hyperparameters",
+    "any_sharded",
     "refuse_zero_redundancy",
     "real",
     "settings_for",
@@ -120,6 +124,31 @@ def _value(hyperparameter):
     return hyperparameter
 
 
+def any_sharded(params: list[Tensor]) -> bool:
+    """True if a parameter is a DTensor (FSDP2's shards). The check does not import
+    torch.distributed.tensor (half a second): no tensor is a DTensor before it is imported."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in params)
+
+
+def _fast_path_refused(optimizer, params: list[Tensor]) -> bool:
+    """True for DTensor parameters (FSDP2's shards), which the fast path does not take (it packs and
+    views plain tensors): the readable update runs instead, with a warning the first time."""
+    refused = any_sharded(params)
+    if refused:
+        _warn_fast_path_refused(type(optimizer).__name__)
+    return refused
+
+
+@functools.cache  # once per optimizer class
+def _warn_fast_path_refused(name: str) -> None:
+    warnings.warn(
+        f"optlib.{name}: the fast path (foreach=True or fused=True) does not run on DTensor "
+        "parameters (FSDP2); the readable update runs instead, with the same results",
+        stacklevel=6,  # the caller of step (through torch's hooks and no_grad)
+    )
+
+
 class Optimizer(torch.optim.Optimizer):
     """``torch.optim.Optimizer`` with the step loop every optlib optimizer shares.
 
@@ -145,6 +174,10 @@ class Optimizer(torch.optim.Optimizer):
     # fast path passes them to the compiled update as tensors, so that a new value does not
     # compile it again.
     per_step_settings: tuple = ()
+    # True when the update reads a whole tensor at once (matrix products, eigenbases, blocks that
+    # span rows): on parameters sharded by FSDP2, each tensor is then updated by one rank
+    # (`optlib.sharded`), as a shard alone would give another update.
+    whole_tensors = False
 
     def __init__(self, params, defaults: dict) -> None:
         super().__init__(params, defaults)
@@ -188,6 +221,13 @@ class Optimizer(torch.optim.Optimizer):
     def _update(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
         raise NotImplementedError
 
+    def _step_tensor(self, param: Tensor, grad: Tensor, state: dict, settings: dict) -> None:
+        """The readable step of one tensor: count the step, then update."""
+        if "step" in state:
+            state["step"] += 1  # t counts from 1
+            settings["step"] = float(state["step"])  # t, for _update
+        self._update(param, grad, state, settings)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimization step; returns the closure's loss, or None."""
@@ -203,17 +243,17 @@ class Optimizer(torch.optim.Optimizer):
                 if param.grad.is_sparse and not self.accepts_sparse_gradients:
                     name = type(self).__name__
                     raise RuntimeError(f"{name} does not support sparse gradients")
+            if self.whole_tensors and any_sharded(params):
+                step_whole_tensors(self, group, params, settings)  # optlib.sharded: a rank per tensor
+                continue
+            for param in params:
                 if not self.state[param]:
                     self.state[param].update(self._init_state(param, settings))
-            if settings.get("foreach") or settings.get("fused"):
+            if (settings.get("foreach") or settings.get("fused")) and not _fast_path_refused(self, params):
                 compiled_update(self, params, settings)  # optlib.fast
             else:
                 for param in params:
-                    state = self.state[param]
-                    if "step" in state:
-                        state["step"] += 1  # t counts from 1
-                        settings["step"] = float(state["step"])  # t, for _update
-                    self._update(param, param.grad, state, settings)
+                    self._step_tensor(param, param.grad, self.state[param], settings)
             for param in params:
                 if not self.state[param]:  # no empty entries, as in torch
                     del self.state[param]

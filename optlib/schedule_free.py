@@ -13,7 +13,7 @@ back to ``y``.
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_non_negative
+from optlib.optimizer import Optimizer, check_non_negative, refuse_zero_redundancy
 
 __all__ = [
     "AdamWScheduleFree",
@@ -132,6 +132,12 @@ class _ScheduleFree(Optimizer):
         return super()._settings(group) | averaging_weight(group)
 
 
+# Why ZeroRedundancyOptimizer cannot run Schedule-Free: a rank's optimizer holds its share of the
+# parameters, so its train() and eval() would move only that share between y and x (and ZeRO copies
+# its own param_groups, train_mode included, over the rank's optimizer's at every step).
+_EVERY_PARAMETER = "every parameter in train() and eval(), which move them between x and y"
+
+
 def _defaults(arguments: dict) -> dict:
     """The reference's group keys: the arguments and the running sums of `averaging_weight`."""
     defaults = {k: v for k, v in arguments.items() if k not in ("self", "params", "__class__")}
@@ -209,6 +215,7 @@ class SGDScheduleFree(_ScheduleFree):
         check_non_negative(lr=lr, weight_decay=weight_decay)
         if momentum <= 0 or momentum >= 1:
             raise ValueError(f"Momentum must be between 0 and 1 exclusive: {momentum}")
+        refuse_zero_redundancy("SGDScheduleFree", _EVERY_PARAMETER)
         super().__init__(params, _defaults(locals()))
 
     def _init_state(self, param, group):
@@ -290,6 +297,7 @@ class AdamWScheduleFree(_ScheduleFree):
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]} (must be in (0, 1))")
         if not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        refuse_zero_redundancy("AdamWScheduleFree", _EVERY_PARAMETER)
         super().__init__(params, _defaults(locals()))
 
     def _init_state(self, param, group):

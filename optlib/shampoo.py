@@ -140,6 +140,10 @@ class Shampoo(Optimizer):
         ``NegativeStepError``); extra keyword options raise ``NotImplementedError``.
     """
 
+    # Preconditioners are products of whole gradients: under FSDP2 one rank updates each tensor
+    # (optlib.sharded).
+    whole_tensors = True
+
     def __init__(
         self,
         params,

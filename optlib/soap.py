@@ -177,6 +177,10 @@ class SOAP(Optimizer):
         code, where the reference fails to reshape it.
     """
 
+    # Eigenbases of products of whole gradients: under FSDP2 one rank updates each tensor
+    # (optlib.sharded).
+    whole_tensors = True
+
     def __init__(
         self,
         params,

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from optlib.optimizer import Optimizer, check_betas, check_tensor_lr, hyperparameters
+from optlib.optimizer import Optimizer, any_sharded, check_betas, check_tensor_lr, hyperparameters
 from optlib.optimizer import _value  # a tensor hyperparameter is used by its value
 
 __all__ = ["SparseAdam", "sparse_adam_update"]
@@ -155,6 +155,12 @@ class SparseAdam(Optimizer):
             raise ValueError(
                 f"Complex params at indices {at['Complex']}: SparseAdam does not support complex "
                 "parameters"
+            )
+        if any_sharded([p for group in self.param_groups for p in group["params"]]):
+            raise RuntimeError(
+                "optlib.SparseAdam cannot run on DTensor parameters (FSDP2): FSDP2 does not reduce "
+                "sparse gradients (its reduce-scatter has no sparse kernel). Run SparseAdam under "
+                "DistributedDataParallel or ZeroRedundancyOptimizer, which all-reduce them."
             )
 
     def __setstate__(self, state: dict) -> None:

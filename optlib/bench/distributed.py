@@ -8,10 +8,13 @@ If one rank fails, the others are stopped and the error is raised: a failing ran
 the caller waiting for the others.
 """
 import datetime
+import functools
 import multiprocessing
+import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,7 +51,9 @@ def _rank_main(rank, world_size, port, backend, timeout, fn, args, results):
 
 def run(fn: Callable, *args, world_size: int = 2, backend: str = "gloo", timeout: float = 120) -> list:
     """``fn(*args)`` in ``world_size`` new processes, each in one process group; returns the
-    result of every rank, in rank order. ``fn`` and ``args`` must be importable and picklable."""
+    result of every rank, in rank order. ``fn`` and ``args`` must be importable and picklable, and
+    so must what ``fn`` returns, by value: NumPy arrays, not tensors (torch sends a tensor through
+    a queue as shared memory, which ends with the process that made it)."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     port = _free_port()
@@ -73,78 +78,170 @@ def run(fn: Callable, *args, world_size: int = 2, backend: str = "gloo", timeout
     return [returned[rank] for rank in range(world_size)]
 
 
-def _model(matrices_only: bool) -> nn.Module:
-    """A small network, the same on every rank (weights drawn from a fixed seed)."""
+MODELS = ("network", "matrices", "embedding")
+"""The models :func:`compare` trains: a small network (two linear layers, with biases), the same
+without biases (for Muon, which updates matrices only), and an embedding with sparse gradients
+(for SparseAdam)."""
+
+
+def _model(name: str) -> nn.Module:
+    """One of :data:`MODELS`, the same on every rank (weights drawn from a fixed seed)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        bias = not matrices_only  # Muon updates matrices only
+        if name == "embedding":
+            return nn.Embedding(10, 3, sparse=True).double()
+        bias = name == "network"
         return nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)).double()
 
 
-def _batches(steps: int, size: int = 8):
+def _batches(steps: int, model_name: str, size: int = 8):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(size, 6, generator=generator, dtype=torch.float64),
-             torch.randn(size, 3, generator=generator, dtype=torch.float64)) for _ in range(steps)]
+    if model_name == "embedding":  # rows of the table, some in both ranks' shares
+        inputs = [torch.randint(10, (size,), generator=generator) for _ in range(steps)]
+    else:
+        inputs = [torch.randn(size, 6, generator=generator, dtype=torch.float64) for _ in range(steps)]
+    return [(x, torch.randn(size, 3, generator=generator, dtype=torch.float64)) for x in inputs]
 
 
-def _train(model, optimizer, batches, shard: slice) -> None:
+def _train(model, optimizer, batches, shards: list[slice], world_size: int) -> None:
+    """Train on ``batches``, each split into ``world_size`` shards; this process computes the
+    losses of ``shards`` (a rank: its own; the single process: all of them).
+
+    The gradient is the mean of the shards' gradients, as a wrapper averages the ranks': the
+    single process scales each shard's loss by 1 / N before summing gradients, the wrapper
+    divides the ranks' sum by N, and both give the same numbers to the last bit (the scale is a
+    power of 2, and a sum of two numbers does not depend on their order). So does the loss an
+    optimizer's closure returns (L-BFGS's), the same on every rank. What the check then compares
+    is the optimizer's step on shards against its step on whole tensors.
+    """
     local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's optimizer of this rank
     if hasattr(local, "train"):  # Schedule-Free: gradients are taken at y
         local.train()
+    scale = 1 / world_size if len(shards) > 1 else 1.0  # a wrapper averages the ranks' gradients
     for x, y in batches:
-        optimizer.zero_grad()
-        F.mse_loss(model(x[shard]), y[shard]).backward()
-        optimizer.step()
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.zeros((), dtype=y.dtype)
+            for shard in shards:
+                shard_loss = F.mse_loss(model(x[shard]), y[shard]) * scale
+                shard_loss.backward()
+                loss += shard_loss.detach()
+            if len(shards) == 1 and world_size > 1:  # a rank: the mean over the ranks
+                dist.all_reduce(loss)
+                loss /= world_size
+            return loss
+
+        optimizer.step(closure)
 
 
-def _single_process(optimizer_class, kwargs, matrices_only, steps) -> list[torch.Tensor]:
-    model = _model(matrices_only)
+def _shards(size: int, world_size: int) -> list[slice]:
+    """The ranks' shares of a batch of ``size`` examples."""
+    share = size // world_size
+    return [slice(rank * share, (rank + 1) * share) for rank in range(world_size)]
+
+
+def _single_process(optimizer_class, kwargs, model_name, steps, world_size) -> list[torch.Tensor]:
+    model = _model(model_name)
     optimizer = optimizer_class(model.parameters(), **kwargs)
-    _train(model, optimizer, _batches(steps), slice(None))
+    batches = _batches(steps, model_name)
+    _train(model, optimizer, batches, _shards(len(batches[0][0]), world_size), world_size)
     return [p.detach() for p in model.parameters()]
 
 
-def compare(optimizer_class, kwargs: dict, wrapper: str, *, matrices_only: bool = False,
-            steps: int = 3) -> tuple[float, float]:
+def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "network",
+            steps: int = 3) -> tuple[float, float, list[str]]:
     """Run on every rank of a process group: ``steps`` steps of the optimizer under ``wrapper``,
-    each rank on its half of every batch, against the single-process run on whole batches.
-    Returns the largest difference of a parameter and the seconds the distributed steps took."""
+    each rank on its share of every batch, against the single-process run on whole batches with
+    the same mean gradient (see `_train`).
+    Returns the largest difference of a parameter, the seconds the distributed steps took and the
+    messages of the warnings they gave."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    batches = _batches(steps)
-    size = len(batches[0][0]) // world_size
+    batches = _batches(steps, model_name)
     if wrapper == "DDP":
-        model = DistributedDataParallel(_model(matrices_only))
+        model = DistributedDataParallel(_model(model_name))
         optimizer = optimizer_class(model.parameters(), **kwargs)
     elif wrapper == "ZeRO":
-        model = DistributedDataParallel(_model(matrices_only))
+        model = DistributedDataParallel(_model(model_name))
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, **kwargs)
     elif wrapper == "FSDP2":
-        model = fully_shard(_model(matrices_only), mesh=init_device_mesh("cpu", (world_size,)))
+        model = fully_shard(_model(model_name), mesh=init_device_mesh("cpu", (world_size,)))
         optimizer = optimizer_class(model.parameters(), **kwargs)
     else:
         raise ValueError(f"unknown wrapper {wrapper!r}; one of {WRAPPERS}")
     start = time.perf_counter()
-    _train(model, optimizer, batches, slice(rank * size, (rank + 1) * size))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, optimizer, batches, _shards(len(batches[0][0]), world_size)[rank : rank + 1], world_size)
     seconds = time.perf_counter() - start
-    expected = _single_process(optimizer_class, kwargs, matrices_only, steps)
+    expected = _single_process(optimizer_class, kwargs, model_name, steps, world_size)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # DTensors
     difference = max((p.detach() - q).abs().max().item() for p, q in zip(params, expected))
-    return difference, seconds
+    return difference, seconds, [str(w.message) for w in caught]
 
 
-def compare_all(cases: Sequence[tuple]) -> dict:
-    """:func:`compare` for every case ``(name, optimizer_class, kwargs, wrapper, matrices_only)``,
-    in one process group; a case that raises is reported as its error message, and the ranks
-    agree on that before going on, so that one failing case does not stop the others."""
+def save_and_continue(optimizer_class, kwargs: dict, directory: str, model_name: str = "network",
+                      steps: int = 3) -> list[torch.Tensor]:
+    """Run on every rank of a process group: ``steps - 1`` steps under FSDP2, the model's and the
+    optimizer's sharded state saved with torch.distributed.checkpoint to ``directory``, one step
+    more; returns the parameters after it, whole, as NumPy arrays. :func:`load_and_continue`
+    takes the last step on one process from the checkpoint, to be compared with these."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model = fully_shard(_model(model_name), mesh=init_device_mesh("cpu", (world_size,)))
+    optimizer = optimizer_class(model.parameters(), **kwargs)
+    batches = _batches(steps, model_name)
+    shard = _shards(len(batches[0][0]), world_size)[rank : rank + 1]
+    _train(model, optimizer, batches[:-1], shard, world_size)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    _train(model, optimizer, batches[-1:], shard, world_size)
+    return [p.full_tensor().detach().numpy() for p in model.parameters()]
+
+
+def load_and_continue(optimizer_class, kwargs: dict, directory: str, model_name: str = "network",
+                      steps: int = 3, world_size: int = 2, restore_optimizer: bool = True) -> list[torch.Tensor]:
+    """On one process, without a process group: the model and a new optimizer loaded from the
+    checkpoint that :func:`save_and_continue` wrote, then its last step, on whole batches. With
+    ``restore_optimizer=False`` only the model is loaded (a check that the state matters)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = _model(model_name)
+    optimizer = optimizer_class(model.parameters(), **kwargs)
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # tensors to load into
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    if not restore_optimizer:  # (the state was loaded into the optimizer's own tensors)
+        optimizer = optimizer_class(model.parameters(), **kwargs)
+    batches = _batches(steps, model_name)
+    _train(model, optimizer, batches[-1:], _shards(len(batches[0][0]), world_size), world_size)
+    return [p.detach() for p in model.parameters()]
+
+
+def compare_all(cases: Sequence[tuple], checkpoints: Sequence[tuple] = (), directory: str = "") -> dict:
+    """:func:`compare` for every case ``(name, optimizer_class, kwargs, wrapper, model_name)``,
+    then :func:`save_and_continue` for every case ``(name, optimizer_class, kwargs, model_name)``
+    of ``checkpoints`` (into ``directory``/name; its result under the key ``(name, "checkpoint")``),
+    in one process group. A case that raises is reported as its error message, and the ranks agree
+    on that before going on, so that one failing case does not stop the others."""
+    runs = [(name, wrapper, functools.partial(compare, optimizer_class, kwargs, wrapper, model_name=model_name))
+            for name, optimizer_class, kwargs, wrapper, model_name in cases]
+    runs += [(name, "checkpoint", functools.partial(save_and_continue, optimizer_class, kwargs,
+                                                    os.path.join(directory, name), model_name))
+             for name, optimizer_class, kwargs, model_name in checkpoints]
     results = {}
-    for name, optimizer_class, kwargs, wrapper, matrices_only in cases:
+    for name, wrapper, case in runs:
         try:
-            outcome = compare(optimizer_class, kwargs, wrapper, matrices_only=matrices_only)
+            outcome = case()
         except Exception as error:  # noqa: BLE001 - the test that owns the case reports it
             outcome = f"{type(error).__name__}: {error}"
         outcomes = [None] * dist.get_world_size()
