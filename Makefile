@@ -30,8 +30,9 @@ book: $(READY)
 	$(BIN)/jupyter-book build . --all --warningiserror --keep-going
 
 # Two pytest workers of one thread each keep both cores busy (compiling, small tensors) without
-# the two fighting over threads.
-XDIST  := -n 2 --dist loadscope
+# the two fighting over threads. Each run lists its 15 slowest tests (or notebook cells): where
+# make test's time budget goes.
+XDIST  := -n 2 --dist loadscope --durations=15
 unit: $(READY)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(XDIST) tests
 
