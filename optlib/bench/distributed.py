@@ -149,12 +149,12 @@ def _single_process(optimizer_class, kwargs, model_name, steps, world_size) -> l
 
 
 def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "network",
-            steps: int = 3) -> tuple[float, float, list[str]]:
+            steps: int = 3, reference: dict | None = None) -> tuple[float, float, list[str]]:
     """Run on every rank of a process group: ``steps`` steps of the optimizer under ``wrapper``,
     each rank on its share of every batch, against the single-process run on whole batches with
-    the same mean gradient (see `_train`).
-    Returns the largest difference of a parameter, the seconds the distributed steps took and the
-    messages of the warnings they gave."""
+    the same mean gradient (see `_train`), made with the arguments ``reference`` (by default
+    ``kwargs``). Returns the largest difference of a parameter, the seconds the distributed steps
+    took and the messages of the warnings they gave."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -178,7 +178,7 @@ def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "n
         warnings.simplefilter("always")
         _train(model, optimizer, batches, _shards(len(batches[0][0]), world_size)[rank : rank + 1], world_size)
     seconds = time.perf_counter() - start
-    expected = _single_process(optimizer_class, kwargs, model_name, steps, world_size)
+    expected = _single_process(optimizer_class, reference or kwargs, model_name, steps, world_size)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # DTensors
     difference = max((p.detach() - q).abs().max().item() for p, q in zip(params, expected))
     return difference, seconds, [str(w.message) for w in caught]
@@ -228,13 +228,15 @@ def load_and_continue(optimizer_class, kwargs: dict, directory: str, model_name:
 
 
 def compare_all(cases: Sequence[tuple], checkpoints: Sequence[tuple] = (), directory: str = "") -> dict:
-    """:func:`compare` for every case ``(name, optimizer_class, kwargs, wrapper, model_name)``,
+    """:func:`compare` for every case ``(name, optimizer_class, kwargs, wrapper, model_name)`` (and,
+    optionally, the arguments of the single-process reference),
     then :func:`save_and_continue` for every case ``(name, optimizer_class, kwargs, model_name)``
     of ``checkpoints`` (into ``directory``/name; its result under the key ``(name, "checkpoint")``),
     in one process group. A case that raises is reported as its error message, and the ranks agree
     on that before going on, so that one failing case does not stop the others."""
-    runs = [(name, wrapper, functools.partial(compare, optimizer_class, kwargs, wrapper, model_name=model_name))
-            for name, optimizer_class, kwargs, wrapper, model_name in cases]
+    runs = [(name, wrapper, functools.partial(compare, optimizer_class, kwargs, wrapper, model_name=model_name,
+                                              reference=reference[0] if reference else None))
+            for name, optimizer_class, kwargs, wrapper, model_name, *reference in cases]
     runs += [(name, "checkpoint", functools.partial(save_and_continue, optimizer_class, kwargs,
                                                     os.path.join(directory, name), model_name))
              for name, optimizer_class, kwargs, model_name in checkpoints]
