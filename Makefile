@@ -67,20 +67,16 @@ PERTURBED_CACHE := $(or $(TMPDIR),/tmp)/optlib-inductor
 cache.scalar    := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-scalar
 cache.avx2      := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-avx2
 cache.threads   := TORCHINDUCTOR_CACHE_DIR=$(PERTURBED_CACHE)-threads
-# The notebooks in reverse order: `make test` runs this pass beside the unperturbed one, and from
-# the other end the two do not compile the same code at the same time (the second finds it cached).
 perturbed-%: $(READY)
 	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) -m numerics tests
-	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) $(shell ls -r chapters/*.ipynb)
+	CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 $(cache.$*) $(perturb.$*) $(BIN)/python -m pytest $(XDIST) $(NBVAL) chapters
 
 # The unit tests leave a core idle whenever they wait for the compiler, and the page check mostly
 # waits for the browser: the book, its pages and the C++ extension of the ulp perturbation are
-# built and checked meanwhile. The two passes over the notebooks run side by side too, each with
-# its two workers: a pass ends on its last notebooks with a worker idle, which the other pass
-# fills. Each target's output is printed when it is done.
+# built and checked meanwhile, each target's output printed when it is done.
 test: $(READY)
 	$(MAKE) --no-print-directory -j3 --output-sync=target unit checked-book perturb-extension
-	$(MAKE) --no-print-directory -j2 --output-sync=target notebooks perturbed-ulp
+	$(MAKE) --no-print-directory notebooks perturbed-ulp
 
 # The book, then every page in Chromium. The page check needs Debian's Chromium (.ci/run installs
 # it); without it this says so and skips only that step.
