@@ -17,6 +17,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -148,6 +149,14 @@ def _single_process(optimizer_class, kwargs, model_name, steps, world_size) -> l
     return [p.detach() for p in model.parameters()]
 
 
+def _fully_sharded(model_name: str) -> nn.Module:
+    """The model, its parameters sharded over the process group's ranks by FSDP2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(_model(model_name), mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+
+
 def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "network",
             steps: int = 3, reference: dict | None = None) -> tuple[float, float, list[str]]:
     """Run on every rank of a process group: ``steps`` steps of the optimizer under ``wrapper``,
@@ -155,8 +164,6 @@ def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "n
     the same mean gradient (see `_train`), made with the arguments ``reference`` (by default
     ``kwargs``). Returns the largest difference of a parameter, the seconds the distributed steps
     took and the messages of the warnings they gave."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
@@ -169,7 +176,7 @@ def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "n
         model = DistributedDataParallel(_model(model_name))
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, **kwargs)
     elif wrapper == "FSDP2":
-        model = fully_shard(_model(model_name), mesh=init_device_mesh("cpu", (world_size,)))
+        model = _fully_sharded(model_name)
         optimizer = optimizer_class(model.parameters(), **kwargs)
     else:
         raise ValueError(f"unknown wrapper {wrapper!r}; one of {WRAPPERS}")
@@ -178,25 +185,24 @@ def compare(optimizer_class, kwargs: dict, wrapper: str, *, model_name: str = "n
         warnings.simplefilter("always")
         _train(model, optimizer, batches, _shards(len(batches[0][0]), world_size)[rank : rank + 1], world_size)
     seconds = time.perf_counter() - start
-    expected = _single_process(optimizer_class, reference or kwargs, model_name, steps, world_size)
+    expected = _single_process(optimizer_class, kwargs if reference is None else reference, model_name,
+                               steps, world_size)
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]  # DTensors
     difference = max((p.detach() - q).abs().max().item() for p, q in zip(params, expected))
     return difference, seconds, [str(w.message) for w in caught]
 
 
 def save_and_continue(optimizer_class, kwargs: dict, directory: str, model_name: str = "network",
-                      steps: int = 3) -> list[torch.Tensor]:
+                      steps: int = 3) -> list[np.ndarray]:
     """Run on every rank of a process group: ``steps - 1`` steps under FSDP2, the model's and the
     optimizer's sharded state saved with torch.distributed.checkpoint to ``directory``, one step
     more; returns the parameters after it, whole, as NumPy arrays. :func:`load_and_continue`
     takes the last step on one process from the checkpoint, to be compared with these."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = fully_shard(_model(model_name), mesh=init_device_mesh("cpu", (world_size,)))
+    model = _fully_sharded(model_name)
     optimizer = optimizer_class(model.parameters(), **kwargs)
     batches = _batches(steps, model_name)
     shard = _shards(len(batches[0][0]), world_size)[rank : rank + 1]
