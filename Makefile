@@ -120,3 +120,9 @@ check-pages: book pages
 .PHONY: study
 study: $(READY)
 	$(BIN)/python -m optlib.bench.study
+
+# The transformer comparisons that the optimizer chapters read (minutes): writes
+# optlib/bench/results/lm_study.json, committed and installed with the kit.
+.PHONY: lm-study
+lm-study: $(READY)
+	$(BIN)/python -m optlib.bench.lm_study

@@ -5,4 +5,4 @@ from optlib.bench.data import Dataset, breast_cancer, digits, linear_regression,
 from optlib.bench.functions import TestFunction, beale, quadratic, rastrigin, rosenbrock, saddle, trajectory
 from optlib.bench.protocol import paired, tune, validation_split
 from optlib.bench.plot import contour, loss_curves, subplots, trajectories, use_book_style
-from optlib.bench.train import History, device, evaluate, mlp, train
+from optlib.bench.train import History, device, evaluate, mlp, one_thread, train

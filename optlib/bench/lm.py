@@ -16,6 +16,9 @@ import pathlib
 import torch
 from torch import Tensor, nn
 
+import optlib
+from optlib.bench.data import Dataset
+
 # The modules in the corpus, in the text's order.
 STDLIB_FILES = (
     "textwrap.py",
@@ -118,3 +121,59 @@ def char_transformer(
         torch.manual_seed(seed)
         model = CharTransformer(len(VOCABULARY), context, width, layers, heads)
     return model.to(dtype)
+
+
+CONTEXT = 32
+"""Characters per window of the book's transformer task (:class:`CharLM` on :func:`windows`)."""
+
+
+class CharLM(nn.Module):
+    """The transformer the optimizer chapters train (2 blocks of width 32, 2 heads, context
+    :data:`CONTEXT`), with its logits laid out as (batch, vocabulary, position), the layout that
+    F.cross_entropy, bench.train's loss, expects."""
+
+    def __init__(self, seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        self.transformer = char_transformer(context=CONTEXT, width=32, layers=2, heads=2, seed=seed, dtype=dtype)
+
+    def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, vocabulary, T)
+        return self.transformer(tokens).transpose(1, 2)
+
+
+def windows(device="cpu") -> Dataset:
+    """The transformer task's data: 1,000 windows of CONTEXT characters drawn (seed 0) from the first
+    90% of the corpus to train on, and 256 evenly spaced windows of the last 10% to test on; the
+    target of each position is the next character."""
+    tokens = encode(corpus()[0])
+    split = int(0.9 * len(tokens))
+    train_tokens, test_tokens = tokens[:split], tokens[split:]
+    offsets = torch.arange(CONTEXT)
+    starts = torch.randint(len(train_tokens) - CONTEXT, (1000, 1), generator=torch.Generator().manual_seed(0))
+    test_starts = torch.arange(256)[:, None] * ((len(test_tokens) - CONTEXT - 1) // 256)
+    return Dataset(
+        train_tokens[starts + offsets], train_tokens[starts + offsets + 1],  # (1000, 32) each
+        test_tokens[test_starts + offsets], test_tokens[test_starts + offsets + 1],  # (256, 32) each
+    ).to(device)
+
+
+class MuonAndAdamW:
+    """Muon on CharLM's hidden matrices (the 2-dimensional parameters inside the blocks), AdamW on
+    everything else (embeddings, read-out, norms, biases), as the Muon chapter trains the transformer:
+    two optimizers that bench.train steps as one. `params` are CharLM's parameters, in their order."""
+
+    NAMES = [name for name, _ in CharLM().named_parameters()]
+
+    def __init__(self, params, lr: float, adamw_lr: float = 1e-2):
+        params = list(params)
+        hidden = [p for n, p in zip(self.NAMES, params) if n.startswith("transformer.blocks.") and p.ndim == 2]
+        rest = [p for p in params if all(p is not h for h in hidden)]
+        self.optimizers = [optlib.Muon(hidden, lr=lr, weight_decay=0.0),
+                           optlib.AdamW(rest, lr=adamw_lr, weight_decay=0.0)]
+
+    def zero_grad(self):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()

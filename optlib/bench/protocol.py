@@ -129,6 +129,22 @@ def paired(a: Tuning, b: Tuning, key: str = "loss") -> str:
     return f"test {key}, {b.name} minus {a.name} per seed: {shown}; {a.name} better on {a_better} of {len(differences)}"
 
 
+def run(
+    make_optimizer: Callable[[list, float], torch.optim.Optimizer],
+    lr: float,
+    split: Dataset,
+    make_model: Callable[[int], nn.Module],
+    seed: int,
+    **train_options,
+) -> Run:
+    """One seed at one rate, as :func:`tune` runs it: trained on ``split``'s train part (the fit part
+    of :func:`validation_split`), scored on its test part (the validation part)."""
+    model = make_model(seed)
+    history = train(model, make_optimizer(list(model.parameters()), lr), split, seed=seed, **train_options)
+    bad = diverged(history)
+    return Run(seed, history, math.inf if bad else history.test_loss[-1], bad, model)
+
+
 def tune(
     name: str,
     make_optimizer: Callable[[list, float], torch.optim.Optimizer],
@@ -148,18 +164,11 @@ def tune(
     ``every_epoch=False``: the runs' histories hold the losses before and after training only
     (see :func:`train`); the choice is the same, in less time."""
     split = validation_split(data, seed=split_seed)
-    runs: dict[float, list[Run]] = {}
-    for lr in rates:
-        runs[lr] = []
-        for seed in seeds:
-            model = make_model(seed)
-            history = train(
-                model, make_optimizer(list(model.parameters()), lr), split,
-                epochs=epochs, batch_size=batch_size, seed=seed, every_epoch=every_epoch,
-            )
-            bad = diverged(history)
-            val_loss = math.inf if bad else history.test_loss[-1]
-            runs[lr].append(Run(seed, history, val_loss, bad, model))
+    runs = {
+        lr: [run(make_optimizer, lr, split, make_model, seed, epochs=epochs, batch_size=batch_size,
+                 every_epoch=every_epoch) for seed in seeds]
+        for lr in rates
+    }
     tuning = Tuning(name, list(seeds), runs, {})
     results = [evaluate(r.model, data.x_test, data.y_test) for r in tuning.chosen_runs()]
     tuning.test["loss"] = [loss for loss, _ in results]

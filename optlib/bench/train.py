@@ -1,4 +1,5 @@
 """A small, seeded training loop that returns the history a chapter plots."""
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -13,6 +14,18 @@ from optlib.bench.data import Dataset
 def device() -> torch.device:
     """The GPU when there is one, else the CPU. Data and models are made on the CPU, then moved here."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one thread: models this small train fastest so, and every sum is then taken
+    in the same order whatever the number of cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def mlp(sizes: list[int], *, seed: int = 0, device="cpu") -> nn.Sequential:
