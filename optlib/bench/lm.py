@@ -140,18 +140,19 @@ class CharLM(nn.Module):
         return self.transformer(tokens).transpose(1, 2)
 
 
-def windows(device="cpu") -> Dataset:
-    """The transformer task's data: 1,000 windows of CONTEXT characters drawn (seed 0) from the first
-    90% of the corpus to train on, and 256 evenly spaced windows of the last 10% to test on; the
-    target of each position is the next character."""
+def windows(device="cpu", count: int = 1000) -> Dataset:
+    """The transformer task's data: `count` windows of CONTEXT characters drawn (seed 0) from the
+    first 90% of the corpus to train on, and 256 evenly spaced windows of the last 10% to test on; the
+    target of each position is the next character. 1,000 windows are 32,000 characters, a fifth of
+    the training text; 6,000 cover it about once."""
     tokens = encode(corpus()[0])
     split = int(0.9 * len(tokens))
     train_tokens, test_tokens = tokens[:split], tokens[split:]
     offsets = torch.arange(CONTEXT)
-    starts = torch.randint(len(train_tokens) - CONTEXT, (1000, 1), generator=torch.Generator().manual_seed(0))
+    starts = torch.randint(len(train_tokens) - CONTEXT, (count, 1), generator=torch.Generator().manual_seed(0))
     test_starts = torch.arange(256)[:, None] * ((len(test_tokens) - CONTEXT - 1) // 256)
     return Dataset(
-        train_tokens[starts + offsets], train_tokens[starts + offsets + 1],  # (1000, 32) each
+        train_tokens[starts + offsets], train_tokens[starts + offsets + 1],  # (count, 32) each
         test_tokens[test_starts + offsets], test_tokens[test_starts + offsets + 1],  # (256, 32) each
     ).to(device)
 

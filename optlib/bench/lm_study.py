@@ -36,8 +36,9 @@ from optlib.bench import lm, schedules
 from optlib.bench.protocol import SEEDS, Run, Tuning, run, tune, validation_split
 from optlib.bench.train import one_thread
 
-# protocol -> bench.tune's training options. 800 of the 1,000 windows are fit on (the rest is the
-# validation part), so an epoch is 50 batches of 16.
+# protocol -> bench.tune's training options, and the number of windows drawn (lm.windows; 1,000 if not
+# given). 80% of the windows are fit on (the rest is the validation part): 800 of 1,000 make an epoch
+# of 50 batches of 16.
 PROTOCOLS = {
     "3 epochs": {"epochs": 3, "batch_size": 16, "every_epoch": False},
     "1 epoch": {"epochs": 1, "batch_size": 16, "every_epoch": False},
@@ -46,6 +47,8 @@ PROTOCOLS = {
     "6 epochs, batch 8": {"epochs": 6, "batch_size": 8, "every_epoch": False},
     "6 epochs, batch 64": {"epochs": 6, "batch_size": 64, "every_epoch": False},
     "6 epochs, batch 128": {"epochs": 6, "batch_size": 128, "every_epoch": False},
+    # as many steps as "6 epochs", each on windows never seen before: 6,000 windows, 4,800 fit on once
+    "1 pass": {"epochs": 1, "batch_size": 16, "every_epoch": False, "windows": 6000},
 }
 WARMUP = 0.1
 """The warm-up of the scheduled arms, as a fraction of the run's steps (30 of 300)."""
@@ -109,6 +112,19 @@ ARMS = {
         "Momentum, warm-up + cosine, clip norm 1": {**MOMENTUM, "rates": MOMENTUM_RATES, "schedule": WARM_COSINE,
                                                     "clip": ("norm", 1.0)},
     },
+    # The schedules again, without repeated data
+    "1 pass": {
+        "AdamW, constant": {**ADAMW, "rates": ADAMW_RATES[1:5]},
+        "AdamW, warm-up + constant": {**ADAMW, "rates": ADAMW_RATES[1:5], "schedule": ("constant", {"warmup": WARMUP})},
+        "AdamW, warm-up + cosine": {**ADAMW, "rates": ADAMW_RATES[1:5], "schedule": WARM_COSINE},
+        "AdamW, warm-up + linear": {**ADAMW, "rates": ADAMW_RATES[1:5], "schedule": ("linear", {"warmup": WARMUP})},
+        "AdamW, warm-up + WSD": {**ADAMW, "rates": ADAMW_RATES[1:5],
+                                 "schedule": ("wsd", {"warmup": WARMUP, "decay": 0.2})},
+        "AdamW, warm-up + cosine for 2x the run": {**ADAMW, "rates": ADAMW_RATES[1:5],
+                                                   "schedule": ("cosine", {"warmup": WARMUP, "set_for": 2})},
+        "Momentum, constant": {**MOMENTUM, "rates": MOMENTUM_RATES[2:5]},
+        "Momentum, warm-up + cosine": {**MOMENTUM, "rates": MOMENTUM_RATES[2:5], "schedule": WARM_COSINE},
+    },
     "6 epochs, batch 8": _BATCH_ARMS,
     "6 epochs, batch 64": _BATCH_ARMS,
     "6 epochs, batch 128": _BATCH_ARMS,
@@ -132,10 +148,19 @@ def config(protocol: str) -> dict:
     }))
 
 
+def _windows(protocol: str) -> int:
+    return PROTOCOLS[protocol].get("windows", 1000)
+
+
+def _training(protocol: str) -> dict:
+    """bench.tune's options for the protocol (all but the number of windows)."""
+    return {k: v for k, v in PROTOCOLS[protocol].items() if k != "windows"}
+
+
 def steps(protocol: str) -> int:
-    """The number of steps of a run: epochs of batches over the fit part (800 of the 1,000 windows)."""
+    """The number of steps of a run: epochs of batches over the fit part (80% of the windows)."""
     options = PROTOCOLS[protocol]
-    return options["epochs"] * math.ceil(800 / options["batch_size"])
+    return options["epochs"] * math.ceil(round(0.8 * _windows(protocol)) / options["batch_size"])
 
 
 def make_optimizer(protocol: str, arm: str):
@@ -196,7 +221,7 @@ def _arm(protocol: str, arm: str) -> dict:
 
     rates = ARMS[protocol][arm]["rates"]
     with one_thread():
-        tuning = tune(arm, make, rates, lm.windows(), lm.CharLM, **PROTOCOLS[protocol])
+        tuning = tune(arm, make, rates, lm.windows(count=_windows(protocol)), lm.CharLM, **_training(protocol))
     row = {
         "runs": {repr(lr): [{"val_loss": r.val_loss, "diverged": r.diverged,
                              "curve": _curve(r.history.train_loss, steps(protocol))} for r in runs]
@@ -256,10 +281,10 @@ def load(protocol: str, arms: list[str], path=RESULTS) -> dict[str, Tuning]:
 
 def rerun(protocol: str, arm: str, lr: float, seed: int, device="cpu") -> float:
     """One stored run done again, live: its validation loss."""
-    split = validation_split(lm.windows(device))
+    split = validation_split(lm.windows(device, _windows(protocol)))
     with one_thread():
         again = run(make_optimizer(protocol, arm), lr, split, lambda s: lm.CharLM(s).to(device), seed,
-                    **PROTOCOLS[protocol])
+                    **_training(protocol))
     return again.val_loss
 
 
