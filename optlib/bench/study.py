@@ -1,30 +1,40 @@
 """The optimizer study behind the chapter "Choosing an optimizer".
 
-Seven optimizers (SGD, Momentum, Nesterov, Adagrad, RMSprop, Adam, AdamW) on four tasks that differ in
-kind: a noisy ill-conditioned quadratic, the digits network, logistic regression on sparse rare
-features, and a small character-level transformer language model. For each task and optimizer:
+Thirteen optimizers on four tasks that differ in kind: a noisy ill-conditioned quadratic, the digits
+network, logistic regression on sparse rare features, and the book's small character-level
+transformer (the task of :mod:`optlib.bench.lm_study`). Every optimizer runs in two **arms**: with a
+linear warm-up over the first tenth of the run and a cosine decay to zero set for the run's length
+(the recipe of current practice), and at a constant rate (the old protocol, kept for contrast).
+Schedule-Free AdamW runs once, with its own warm-up and no schedule: not needing one is its point.
 
-1. a learning-rate sweep on a logarithmic grid, one run per rate with the tuning seed, scored on the
-   task's **validation** split (the test split is never evaluated during the sweep);
-2. the rate with the lowest validation loss, run again with several fresh seeds and scored on the
-   **test** split: mean and spread;
-3. loss curves of those runs against steps and against wall-clock seconds, the range of rates that
-   came within `GOOD` of the task's best validation loss, and the memory that the optimizer's state
-   takes per parameter, measured from ``optimizer.state``.
+For each task and arm:
 
-Run it with ``python -m optlib.bench.study`` (``make study``): it writes ``RESULTS``, the file
-``optlib/bench/results/study.json`` that is committed and installed with the kit (so the chapter
-runs wherever optlib[bench] is installed, Colab included). The results file holds `config()`, the configuration that produced it; ``tests/test_study.py`` checks that the
-stored configuration is the one in this file, so that the file cannot silently go stale.
+1. **Tuning**: every rate of a logarithmic grid (and, for AdamW and Lion, every weight decay of
+   :data:`WEIGHT_DECAYS`) is trained with each of the :data:`TUNING_SEEDS` and scored on the task's
+   **validation** split; the setting with the lowest **mean** validation loss over those seeds is
+   chosen. A setting with a diverged seed is out. The test split is never evaluated here.
+2. **Testing**: the chosen setting is trained again with fresh :data:`TEST_SEEDS` and scored on the
+   **test** split, with the validation loss recorded at :data:`CURVE_POINTS` points along the way
+   (for the time to a target).
 
-Everything is seeded, and the study runs on the CPU with one thread. The quadratic, digits and
-rare-feature tasks compute in float64, where a change in the last bit (another CPU, another thread
-count) stays far below the printed digits, so the chapter can re-run any of their rows and get the
-stored numbers within a stated tolerance; the language model computes in float32 for speed. Wall-clock times are measured and stored, but they differ from run to run.
+The results hold everything the chapter reports: per-seed test losses (for paired differences and
+failure counts), the sweeps (for the range of good rates, judged by excess loss), the curves, the
+memory the optimizer's state takes, and the seconds per step of the transformer with each optimizer's
+fast path where it has one.
+
+Run it with ``python -m optlib.bench.study`` (``make study``; about 20 minutes on 2 cores, which it
+uses as two processes): it writes :data:`RESULTS`, which is committed and installed with the kit,
+with the configuration that produced it; ``tests/test_study.py`` checks that the stored
+configuration is this file's. Everything is seeded and runs on the CPU with one thread per process.
+The quadratic, digits and rare-feature tasks compute in float64, so the chapter can re-run their
+rows and get the stored numbers to many digits; the transformer computes in float32, and a re-run
+lands within :data:`optlib.bench.lm_study.TOLERANCE`.
 """
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import pathlib
 import statistics
 import sys
@@ -37,11 +47,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import optlib
-from optlib.bench import lm
+from optlib.bench import lm, schedules
 from optlib.bench.data import digits, rare_features
-from optlib.bench.train import mlp
+from optlib.bench.protocol import DIVERGENCE_FACTOR, validation_split
+from optlib.bench.train import mlp, one_thread
 
-# name -> (optlib class name, arguments other than lr). Everything else is PyTorch's default.
+# name -> (optlib class, or "MuonAndAdamW"; arguments other than lr). PyTorch's defaults otherwise.
 OPTIMIZERS = {
     "SGD": ("SGD", {}),
     "Momentum": ("SGD", {"momentum": 0.9}),
@@ -49,16 +60,37 @@ OPTIMIZERS = {
     "Adagrad": ("Adagrad", {}),
     "RMSprop": ("RMSprop", {}),
     "Adam": ("Adam", {}),
-    "AdamW": ("AdamW", {}),  # weight_decay=0.01, PyTorch's default
+    "AdamW": ("AdamW", {}),  # weight decay tuned
+    "NAdamW": ("NAdam", {"decoupled_weight_decay": True, "weight_decay": 0.01}),  # AlgoPerf's baseline
+    "Lion": ("Lion", {}),  # weight decay tuned
+    "SOAP": ("SOAP", {}),
+    "AdEMAMix": ("AdEMAMix", {}),
+    "SF-AdamW": ("AdamWScheduleFree", {}),
+    "Muon + AdamW": ("MuonAndAdamW", {}),  # the transformer only: the other models have no hidden matrices
 }
-# The stored results: written by `make study`, read by the chapter and checked by tests/test_study.py.
+WEIGHT_DECAYS = {"AdamW": [0.0, 0.1, 1.0], "Lion": [0.0, 0.1, 1.0]}
+"""Tuned together with the rate. PyTorch's AdamW and Lion shrink the weights by lr x weight_decay a
+step, so at the rates they choose only decays of this size act within a few hundred steps."""
+WARMUP = 0.1  # the warm-up of every scheduled arm, and Schedule-Free's, as a fraction of the run
+ARMS = {"warm-up + cosine": ("cosine", {"warmup": WARMUP}), "constant": None}
+SCHEDULE_FREE = "schedule-free"  # SF-AdamW's one arm
+# The optimizers with a fast path (optlib's compiled update), and the argument that turns it on
+FAST_PATH = {"SGD": "foreach", "Momentum": "foreach", "Nesterov": "foreach", "Adagrad": "foreach",
+             "RMSprop": "foreach", "Adam": "foreach", "AdamW": "foreach", "NAdamW": "foreach",
+             "Lion": "use_triton", "AdEMAMix": "foreach", "SF-AdamW": "foreach"}
 RESULTS = pathlib.Path(__file__).parent / "results" / "study.json"
-TUNING_SEED = 0  # the seed of every sweep run
-SEEDS = (1, 2, 3)  # the seeds of the runs at the chosen rate
-GOOD = 0.1  # a rate is "good" if its validation loss is within 10% of the task's best
-CURVE_POINTS = 25  # loss curves are stored as means over this many equal chunks of steps
-# Time per step is measured apart from the runs, round-robin over the optimizers, so that a burst of
-# load on a shared machine slows all of them alike: TIMING_STEPS steps, TIMING_REPEATS times, fastest.
+TUNING_SEEDS = (0, 1, 2)
+TEST_SEEDS = (10, 11, 12, 13, 14)
+CURVE_POINTS = 12  # training loss (chunk means) and validation loss are recorded at this many points
+GOOD = 0.1
+"""A setting is good if its mean validation loss closes all but this fraction of the gap between the
+untrained model's loss and the task's best: its **excess loss** is at most GOOD."""
+FAILED = 0.5
+"""A test seed fails if its run diverged or its excess test loss is above this: it did not close
+half of the gap."""
+# Time per step on the transformer, measured apart from the runs, round-robin over the optimizers
+# (a burst of load on a shared machine slows all of them alike): the fastest of TIMING_REPEATS
+# rounds of TIMING_STEPS steps, after steps that compile the fast path.
 TIMING_STEPS, TIMING_REPEATS = 20, 5
 
 
@@ -73,28 +105,56 @@ def grid(low: float, points: int) -> list[float]:
     return rates[:points]
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def arms(task: "Task") -> list[tuple[str, str]]:
+    """(optimizer, arm) pairs run on `task`."""
+    return [(name, arm) for name in task.optimizers for arm in ([SCHEDULE_FREE] if name == "SF-AdamW" else ARMS)]
+
+
+def settings(task: "Task", name: str) -> list[tuple[float, float | None]]:
+    """The (rate, weight decay) pairs tuned: the task's grid, times WEIGHT_DECAYS where tuned."""
+    return [(lr, wd) for wd in WEIGHT_DECAYS.get(name, [None]) for lr in task.grids[name]]
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, *, arm: str, steps: int,
+                   weight_decay: float | None = None, fast: bool = False):
+    """The optimizer of an arm, with its schedule set for `steps` steps attached (it steps itself
+    after every step), for the parameters of `model`. `fast` turns on the fast path where there is one."""
     class_name, kwargs = OPTIMIZERS[name]
-    return getattr(optlib, class_name)(params, lr=lr, **kwargs)
+    kwargs = dict(kwargs)
+    if weight_decay is not None:
+        kwargs["weight_decay"] = weight_decay
+    if fast and name in FAST_PATH:
+        kwargs[FAST_PATH[name]] = True
+    if name == "SF-AdamW":
+        kwargs["warmup_steps"] = round(WARMUP * steps)
+    params = list(model.parameters())
+    if class_name == "MuonAndAdamW":
+        optimizer = lm.MuonAndAdamW(params, lr)
+    else:
+        optimizer = getattr(optlib, class_name)(params, lr=lr, **kwargs)
+    if name == "SF-AdamW":
+        optimizer.train()  # it starts in eval mode, as the reference does
+    if ARMS.get(arm):
+        schedule, options = ARMS[arm]
+        multiplier = schedules.SCHEDULES[schedule](steps, warmup=round(options["warmup"] * steps))
+        for each in getattr(optimizer, "optimizers", [optimizer]):
+            schedules.every_step(each, multiplier)
+    return optimizer
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the tensors in the optimizer's state (buffers and step counters)."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if isinstance(value, Tensor)
-    )
-
-
-def parameter_count(optimizer: torch.optim.Optimizer) -> int:
-    return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+def state_bytes(optimizer) -> int:
+    """Bytes held by the tensors in the optimizer's state (buffers and step counters; SOAP's lists of
+    tensors included)."""
+    optimizers = getattr(optimizer, "optimizers", [optimizer])
+    tensors = [t for o in optimizers for state in o.state.values() for value in state.values()
+               for t in (value if isinstance(value, list) else [value]) if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
 # Tasks. Each one makes its data once (from a fixed seed), a model from a run's seed, minibatches
-# from a generator seeded by the run's seed, and evaluates a model on "val" or "test".
+# from a generator seeded by the run's seed (a fresh shuffle every epoch), and evaluates a model on
+# "val" or "test".
 
 
 def _split_off(x: Tensor, y: Tensor, fraction: float, seed: int = 0):
@@ -113,17 +173,21 @@ class Task:
     description: str
     steps: int
     batch_size: int
-    grids: dict  # optimizer name -> learning rates
+    lows: dict  # optimizer name -> the lowest rate of its grid
+    points: int  # rates per grid
     _data: dict | None = field(default=None, repr=False)
 
+    @property
+    def optimizers(self) -> list[str]:
+        return list(self.lows)
+
+    @property
+    def grids(self) -> dict:
+        return {name: grid(low, self.points) for name, low in self.lows.items()}
+
     def config(self) -> dict:
-        return {
-            "description": self.description,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "grids": self.grids,
-            **self.settings(),
-        }
+        return {"description": self.description, "steps": self.steps, "batch_size": self.batch_size,
+                "grids": self.grids, **self.settings()}
 
     def settings(self) -> dict:
         return {}
@@ -135,7 +199,6 @@ class Task:
         return self._data
 
     def batches(self, seed: int):
-        """Minibatches of the training split: a fresh shuffle each epoch, from `seed`."""
         x, y = self.data["train"]
         generator = torch.Generator().manual_seed(seed)
         while True:
@@ -152,7 +215,7 @@ class Task:
         x, y = self.data[split]
         output = model(x)
         result = {"loss": self.loss(output, y).item()}
-        if y.dtype == torch.long:
+        if y.dtype == torch.long and output.dim() == 2:
             result["accuracy"] = (output.argmax(-1) == y).double().mean().item()
         return result
 
@@ -219,228 +282,218 @@ class RareFeatures(Task):
         return mlp([100, 2], seed=seed).double()
 
 
-class CharLM(Task):
-    """A 2-layer transformer predicting the next character of standard-library Python source.
-    The text is split in three consecutive blocks (80% train, 10% validation, 10% test); the loss is
-    the cross-entropy in nats per character, on every non-overlapping window of the split."""
-
-    context, width, layers, heads = 64, 64, 2, 4
+class Transformer(Task):
+    """The book's small transformer (lm.CharLM, float32) on lm.windows(): 800 windows to train on,
+    200 for validation (bench.validation_split), 256 test windows from the held-out end of the text."""
 
     def settings(self):
-        return {
-            "context": self.context,
-            "width": self.width,
-            "layers": self.layers,
-            "heads": self.heads,
-            "files": list(lm.STDLIB_FILES),
-            "split": [0.8, 0.1, 0.1],
-            "dtype": "float32",
-        }
+        return {"model": "lm.CharLM", "data": "lm.windows()", "text": lm.corpus()[1], "dtype": "float32"}
 
     def make_data(self):
-        text, record = lm.corpus()
-        tokens = lm.encode(text)
-        a, b = int(0.8 * len(tokens)), int(0.9 * len(tokens))
-        return {"train": tokens[:a], "val": tokens[a:b], "test": tokens[b:], "text": record}
-
-    def windows(self, tokens):
-        n = (len(tokens) - 1) // self.context
-        x = tokens[: n * self.context].view(n, self.context)
-        y = tokens[1 : n * self.context + 1].view(n, self.context)
-        return x, y
-
-    def batches(self, seed):
-        tokens = self.data["train"]
-        generator = torch.Generator().manual_seed(seed)
-        offsets = torch.arange(self.context)
-        while True:
-            starts = torch.randint(len(tokens) - self.context, (self.batch_size, 1), generator=generator)
-            yield tokens[starts + offsets], tokens[starts + offsets + 1]  # (B, T) each
+        windows = lm.windows()
+        split = validation_split(windows)
+        return {"train": (split.x_train, split.y_train), "val": (split.x_test, split.y_test),
+                "test": (windows.x_test, windows.y_test)}
 
     def model(self, seed):
-        return lm.char_transformer(
-            context=self.context, width=self.width, layers=self.layers, heads=self.heads, seed=seed
-        )
-
-    def loss(self, output, y):
-        return F.cross_entropy(output.flatten(0, 1), y.flatten())
-
-    @torch.no_grad()
-    def evaluate(self, model, split):
-        x, y = self.windows(self.data[split])
-        return {"loss": self.loss(model(x), y).item()}
+        return lm.CharLM(seed)
 
 
 SGD_LIKE = ("SGD", "Momentum", "Nesterov")
-ADAPTIVE = ("RMSprop", "Adam", "AdamW")
+ADAPTIVE = ("RMSprop", "Adam", "AdamW", "NAdamW", "SOAP", "AdEMAMix", "SF-AdamW")
 
 
-def _grids(sgd_low: float, adagrad_low: float, adaptive_low: float, points: int) -> dict:
-    lows = {**{n: sgd_low for n in SGD_LIKE}, "Adagrad": adagrad_low, **{n: adaptive_low for n in ADAPTIVE}}
-    return {name: grid(lows[name], points) for name in OPTIMIZERS}
+def _lows(sgd: float, adagrad: float, adaptive: float, lion: float, muon: float | None = None) -> dict:
+    lows = {**{n: sgd for n in SGD_LIKE}, "Adagrad": adagrad, **{n: adaptive for n in ADAPTIVE}, "Lion": lion}
+    if muon is not None:
+        lows["Muon + AdamW"] = muon
+    return {name: lows[name] for name in OPTIMIZERS if name in lows}
 
 
 TASKS = {
-    "quadratic": NoisyQuadratic(
-        "quadratic", "noisy ill-conditioned quadratic (least squares, kappa = 1000)", 500, 10,
-        _grids(1e-3, 1e-2, 1e-3, 7),
-    ),
-    "digits": Digits("digits", "digits, 64-32-10 ReLU network", 400, 32, _grids(3e-3, 3e-3, 3e-4, 7)),
-    "rare": RareFeatures("rare", "sparse rare features, logistic regression", 400, 32, _grids(1e-2, 1e-2, 1e-3, 7)),
-    "lm": CharLM("lm", "character-level transformer on Python source", 300, 16, _grids(1e-2, 1e-3, 3e-4, 6)),
+    "quadratic": NoisyQuadratic("quadratic", "noisy ill-conditioned quadratic (least squares, kappa = 1000)",
+                                500, 10, _lows(3e-3, 3e-2, 1e-3, 1e-4), 6),
+    "digits": Digits("digits", "digits, 64-32-10 ReLU network", 400, 32, _lows(1e-2, 1e-2, 1e-3, 1e-4), 6),
+    "rare": RareFeatures("rare", "sparse rare features, logistic regression", 400, 32,
+                         _lows(3e-2, 3e-2, 1e-3, 3e-4), 6),
+    "lm": Transformer("lm", "character-level transformer on Python source", 300, 16,
+                      _lows(3e-2, 3e-3, 1e-3, 3e-4, 1e-2), 5),
 }
 
 
 def config() -> dict:
     """Everything that determines the results (besides the code): stored in the results file."""
-    return {
+    return json.loads(json.dumps({
         "optimizers": {name: {"class": c, **kwargs} for name, (c, kwargs) in OPTIMIZERS.items()},
-        "tuning_seed": TUNING_SEED,
-        "seeds": list(SEEDS),
+        "weight_decays": WEIGHT_DECAYS,
+        "arms": ARMS,
+        "warmup": WARMUP,
+        "tuning_seeds": list(TUNING_SEEDS),
+        "test_seeds": list(TEST_SEEDS),
+        "divergence_factor": DIVERGENCE_FACTOR,
         "good": GOOD,
+        "failed": FAILED,
         "curve_points": CURVE_POINTS,
-        "timing_steps": TIMING_STEPS,
-        "timing_repeats": TIMING_REPEATS,
+        "timing": {"steps": TIMING_STEPS, "repeats": TIMING_REPEATS, "fast_path": FAST_PATH},
         "tasks": {name: task.config() for name, task in TASKS.items()},
-    }
+    }))
 
 
 # ----------------------------------------------------------------------------------------------
 # Runs
 
 
-def run(task: Task | str, optimizer: str, lr: float, seed: int, split: str) -> dict:
-    """Train one model and score it on `split` ("val" for the sweep, "test" at the chosen rate).
+def _evaluate(task: Task, model: nn.Module, optimizer, split: str) -> dict:
+    """The model scored on `split`; Schedule-Free at its averaged point x (its eval mode)."""
+    if hasattr(optimizer, "eval"):
+        optimizer.eval()
+    result = task.evaluate(model, split)
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    return result
 
-    Returns the metrics on that split (None if the loss became inf or nan), the training-loss curve
-    (the mean minibatch loss over each of CURVE_POINTS chunks of steps, with the step and the
-    wall-clock seconds of training at the chunk's end) and the state memory per parameter."""
+
+def run(task: Task | str, name: str, arm: str, lr: float, seed: int, split: str,
+        weight_decay: float | None = None, trace: bool = False) -> dict:
+    """Train one model and score it on `split` ("val" when tuning, "test" at the chosen setting).
+
+    Returns the metrics on that split (None if the run diverged: a non-finite loss, or a last chunk's
+    mean training loss above DIVERGENCE_FACTOR times the first step's), the training loss as means over
+    CURVE_POINTS equal chunks of steps, with `trace` the validation loss at the end of each chunk, and
+    the bytes of the optimizer's state per parameter."""
     task = TASKS[task] if isinstance(task, str) else task
     model = task.model(seed)
-    opt = make_optimizer(optimizer, model.parameters(), lr)
+    optimizer = make_optimizer(name, model, lr, arm=arm, steps=task.steps, weight_decay=weight_decay)
     chunk = task.steps // CURVE_POINTS
-    curve = {"step": [], "train_loss": [], "seconds": []}
-    total, seconds, diverged = 0.0, 0.0, False
+    curve, validation, losses = [], [], []
     batches = task.batches(seed)
     for step in range(1, task.steps + 1):
         x, y = next(batches)
-        start = time.perf_counter()
-        opt.zero_grad()
+        optimizer.zero_grad()
         loss = task.loss(model(x), y)
         loss.backward()
-        opt.step()
-        seconds += time.perf_counter() - start
-        value = loss.item()
-        if not math.isfinite(value):
-            diverged = True
+        optimizer.step()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
             break
-        total += value
-        if step % chunk == 0:
-            curve["step"].append(step)
-            curve["train_loss"].append(total / chunk)
-            curve["seconds"].append(seconds)
-            total = 0.0
-    metrics = None if diverged else task.evaluate(model, split)
+        if step % chunk == 0 and len(curve) < CURVE_POINTS:
+            curve.append(statistics.fmean(losses[-chunk:]))
+            if trace:
+                validation.append(_evaluate(task, model, optimizer, "val")["loss"])
+    diverged = not math.isfinite(losses[-1]) or curve[-1] > DIVERGENCE_FACTOR * losses[0]
+    parameters = sum(p.numel() for p in model.parameters())
     return {
-        "split": split,
-        "metrics": metrics,
+        "metrics": None if diverged else _evaluate(task, model, optimizer, split),
         "curve": curve,
-        "state_bytes_per_parameter": state_bytes(opt) / parameter_count(opt),
-        "parameter_bytes": next(model.parameters()).element_size(),
+        "validation": validation,
+        "state_bytes_per_parameter": state_bytes(optimizer) / parameters,
     }
 
 
-def seconds_per_step(task: Task | str, rates: dict) -> dict:
-    """Wall-clock seconds per training step for each optimizer in `rates` (name -> lr): the fastest of
-    TIMING_REPEATS rounds of TIMING_STEPS steps, the optimizers taking turns within each round."""
+@torch.no_grad()
+def initial_loss(task: Task | str, split: str) -> float:
+    """The untrained models' loss on `split`, mean over the tuning seeds: the start of every run."""
     task = TASKS[task] if isinstance(task, str) else task
+    return statistics.fmean(task.evaluate(task.model(seed), split)["loss"] for seed in TUNING_SEEDS)
+
+
+def choose(sweep: list[dict]) -> dict:
+    """The setting with the lowest mean validation loss (a setting with a diverged seed is out)."""
+    finite = [row for row in sweep if row["mean_val_loss"] is not None]
+    if not finite:
+        raise ValueError("every setting diverged")
+    return min(finite, key=lambda row: row["mean_val_loss"])
+
+
+def excess(loss: float | None, start: float, best: float) -> float:
+    """The fraction of the gap from the untrained loss to the task's best that is left: 0 at the best,
+    1 where training started (inf for a diverged run)."""
+    return math.inf if loss is None else (loss - best) / (start - best)
+
+
+def tune_and_test(task_name: str, name: str, arm: str) -> dict:
+    """One arm of one task: the sweep over the tuning seeds, the choice, and the test runs."""
+    task = TASKS[task_name]
+    with one_thread():
+        sweep = []
+        for lr, wd in settings(task, name):
+            losses = [run(task, name, arm, lr, seed, "val", wd)["metrics"] for seed in TUNING_SEEDS]
+            mean = None if None in losses else statistics.fmean(m["loss"] for m in losses)
+            sweep.append({"lr": lr, "weight_decay": wd, "val_losses": [m and m["loss"] for m in losses],
+                          "mean_val_loss": mean})
+        chosen = choose(sweep)
+        tests = {seed: run(task, name, arm, chosen["lr"], seed, "test", chosen["weight_decay"], trace=True)
+                 for seed in TEST_SEEDS}
+    lrs = task.grids[name]
+    return {
+        "sweep": sweep,
+        "chosen": {"lr": chosen["lr"], "weight_decay": chosen["weight_decay"],
+                   "at_edge": chosen["lr"] in (lrs[0], lrs[-1])},  # the best rate may lie off the grid
+        "test": {str(seed): r["metrics"] for seed, r in tests.items()},
+        "curves": {str(seed): r["curve"] for seed, r in tests.items()},
+        "validation_curves": {str(seed): r["validation"] for seed, r in tests.items()},
+        "state_bytes_per_parameter": tests[TEST_SEEDS[0]]["state_bytes_per_parameter"],
+    }
+
+
+def seconds_per_step(chosen: dict) -> dict:
+    """Seconds per training step of the transformer for each (optimizer, arm) in `chosen` (mapping to
+    its chosen setting), with the fast path where there is one; see TIMING_STEPS."""
+    task = TASKS["lm"]
     setups = {}
-    for name, lr in rates.items():
-        model = task.model(TUNING_SEED)
-        setups[name] = (model, make_optimizer(name, model.parameters(), lr), task.batches(TUNING_SEED))
-    best = {name: math.inf for name in rates}
-    for _ in range(TIMING_REPEATS):
-        for name, (model, opt, batches) in setups.items():
-            data = [next(batches) for _ in range(TIMING_STEPS)]
-            start = time.perf_counter()
-            for x, y in data:
-                opt.zero_grad()
-                task.loss(model(x), y).backward()
-                opt.step()
-            best[name] = min(best[name], (time.perf_counter() - start) / TIMING_STEPS)
+    for key, setting in chosen.items():
+        name, arm = key.split(" | ")
+        model = task.model(TUNING_SEEDS[0])
+        optimizer = make_optimizer(name, model, setting["lr"], arm=arm, steps=10**6,
+                                   weight_decay=setting["weight_decay"], fast=True)
+        setups[key] = (model, optimizer, task.batches(TUNING_SEEDS[0]))
+
+    def steps(key, count):
+        model, optimizer, batches = setups[key]
+        for x, y in [next(batches) for _ in range(count)]:
+            optimizer.zero_grad()
+            task.loss(model(x), y).backward()
+            optimizer.step()
+
+    best = {}
+    with one_thread():
+        for key in setups:  # compile the fast paths first
+            steps(key, 3)
+        for _ in range(TIMING_REPEATS):
+            for key in setups:
+                start = time.perf_counter()
+                steps(key, TIMING_STEPS)
+                best[key] = min(best.get(key, math.inf), (time.perf_counter() - start) / TIMING_STEPS)
     return best
 
 
-def choose(sweep: dict) -> float:
-    """The rate with the lowest validation loss; a run that diverged counts as infinitely bad."""
-    return min(sweep, key=lambda lr: math.inf if sweep[lr] is None else sweep[lr])
-
-
-def good_rates(sweep: dict, best: float) -> list[float]:
-    """The rates whose validation loss is within GOOD of `best` (the task's best validation loss)."""
-    return [lr for lr, loss in sweep.items() if loss is not None and loss <= (1 + GOOD) * best]
-
-
-def study(tasks=None, optimizers=None, progress: bool = True) -> dict:
-    """Run the study (or the part of it named by `tasks` and `optimizers`) and return the results."""
+def study(tasks=None, jobs: int = 2, progress: bool = True) -> dict:
+    """Run the study (or the tasks named) with `jobs` arms at a time, each in its own process."""
     tasks = list(tasks or TASKS)
-    optimizers = list(optimizers or OPTIMIZERS)
-    total = sum(len(TASKS[t].grids[o]) + len(SEEDS) for t in tasks for o in optimizers) + len(tasks)
-    bar = tqdm(total=total, file=sys.stderr, ascii=True, disable=not progress, dynamic_ncols=True)
-    results = {"config": config(), "tasks": {}}
+    # the transformer's arms first: they take longest, and the others fill the gaps at the end
+    work = sorted(((t, name, arm) for t in tasks for name, arm in arms(TASKS[t])), key=lambda w: w[0] != "lm")
+    results = {"config": config(), "tasks": {t: {"arms": {}} for t in tasks}}
+    bar = tqdm(total=len(work) + 1, file=sys.stderr, ascii=True, disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    for task_name in tasks:
-        task = TASKS[task_name]
-        entry = results["tasks"][task_name] = {"optimizers": {}}
-        if isinstance(task, CharLM):
-            entry["text"] = task.data["text"]
-        for name in optimizers:
-            bar.set_description(f"{task_name} {name}")
-            sweep = {}
-            for lr in task.grids[name]:
-                metrics = run(task, name, lr, TUNING_SEED, "val")["metrics"]
-                sweep[lr] = None if metrics is None else metrics["loss"]
-                bar.update()
-            lr = choose(sweep)
-            runs = {}
-            for seed in SEEDS:
-                runs[seed] = run(task, name, lr, seed, "test")
-                bar.update()
-            test_losses = [r["metrics"]["loss"] for r in runs.values() if r["metrics"] is not None]
-            row = {
-                "sweep": [[rate, loss] for rate, loss in sweep.items()],
-                "chosen_lr": lr,
-                "chosen_at_edge": lr in (task.grids[name][0], task.grids[name][-1]),
-                "seeds": {str(s): r["metrics"] for s, r in runs.items()},
-                "test_loss_mean": statistics.mean(test_losses) if test_losses else None,
-                "test_loss_std": statistics.stdev(test_losses) if len(test_losses) > 1 else None,
-                "curves": {str(s): r["curve"] for s, r in runs.items()},
-                "state_bytes_per_parameter": runs[SEEDS[0]]["state_bytes_per_parameter"],
-                "parameter_bytes": runs[SEEDS[0]]["parameter_bytes"],
-            }
-            if "accuracy" in (runs[SEEDS[0]]["metrics"] or {}):
-                accuracies = [r["metrics"]["accuracy"] for r in runs.values() if r["metrics"] is not None]
-                row["test_accuracy_mean"] = statistics.mean(accuracies)
-            entry["optimizers"][name] = row
-        # The good range needs the best validation loss over all optimizers of the task.
-        best = min(
-            loss for row in entry["optimizers"].values() for _, loss in row["sweep"] if loss is not None
-        )
-        entry["best_val_loss"] = best
-        bar.set_description(f"{task_name} timing")
-        rates = {name: row["chosen_lr"] for name, row in entry["optimizers"].items()}
-        entry["seconds_per_step"] = seconds_per_step(task, rates)
-        bar.update()
-        for row in entry["optimizers"].values():
-            good = good_rates(dict(map(tuple, row["sweep"])), best)
-            row["good_lrs"] = good
-            row["good_range_decades"] = math.log10(max(good) / min(good)) if good else None
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(tune_and_test, *key): key for key in work}
+        for future in concurrent.futures.as_completed(futures):
+            t, name, arm = futures[future]
+            results["tasks"][t]["arms"][f"{name} | {arm}"] = future.result()
+            bar.set_description(f"{t}: {name}, {arm}")
+            bar.update()
+    for t in tasks:
+        entry = results["tasks"][t]
+        entry["arms"] = {f"{n} | {a}": entry["arms"][f"{n} | {a}"] for n, a in arms(TASKS[t])}
+        entry["initial_loss"] = {split: initial_loss(t, split) for split in ("val", "test")}
+    if "lm" in tasks:
+        bar.set_description("lm: timing")
+        chosen = {key: row["chosen"] for key, row in results["tasks"]["lm"]["arms"].items()}
+        results["tasks"]["lm"]["seconds_per_step"] = seconds_per_step(chosen)
+    bar.update()
     bar.close()
     results["seconds"] = time.perf_counter() - start
-    results["environment"] = {
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "torch": torch.__version__,
-    }
+    results["environment"] = {"python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__}
     return results
 
 
@@ -448,14 +501,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(RESULTS), help="where to write the results (JSON)")
     parser.add_argument("--tasks", nargs="*", choices=list(TASKS), help="only these tasks (a slice)")
-    parser.add_argument("--optimizers", nargs="*", choices=list(OPTIMIZERS), help="only these optimizers")
+    parser.add_argument("--jobs", type=int, default=2, help="arms run at the same time, one process each")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # small models run fastest on one thread, and the same on every machine
-    results = study(args.tasks, args.optimizers)
+    results = study(args.tasks, args.jobs)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {out} in {results['seconds']:.0f} s", file=sys.stderr)
+    print(f"wrote {out} in {results['seconds'] / 60:.1f} minutes", file=sys.stderr)
 
 
 if __name__ == "__main__":
